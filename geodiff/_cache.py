@@ -1,0 +1,58 @@
+"""On-disk cache location and atomic writes (shared by geometry and data).
+
+The cache folder is ``$GEODIFF_CACHE`` if set, else ``~/.cache/geodiff``. The Makefile points it at
+the git-ignored ``.cache/`` folder of the checkout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def cache_dir(*parts: str) -> Path:
+    """Return (and create) a sub-folder of the geodiff cache.
+
+    Args:
+        *parts: sub-folder names, e.g. ``cache_dir("geometry")``.
+
+    Returns:
+        The folder as an absolute path; it exists on return.
+    """
+    root = os.environ.get("GEODIFF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "geodiff")
+    path = Path(root).expanduser().resolve().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def content_hash(*arrays, salt: str = "") -> str:
+    """SHA-256 (hex, 24 characters) of arrays' dtypes, shapes and bytes, plus a salt string."""
+    h = hashlib.sha256(salt.encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:24]
+
+
+def atomic_savez(path: str | os.PathLike, **arrays) -> None:
+    """Write an ``.npz`` file atomically: a temporary file in the same folder, then ``os.replace``.
+
+    A reader never sees a half-written file, even if the writer is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
