@@ -307,7 +307,8 @@ class Blur(LinearOperator):
     """Blur with a Gaussian of standard deviation ``width`` (in the manifold's length units).
 
     On a :class:`Grid` (unit square): separable Gaussian convolution with reflecting borders,
-    std ``width·H`` pixels down and ``width·W`` pixels across. Elsewhere: the heat kernel
+    std ``width·H`` pixels down and ``width·W`` pixels across, kernel truncated at 3 std and
+    renormalized. Elsewhere: the heat kernel
     ``exp(−τ Δ)`` with τ = width²/2 (the same variance in the flat limit), applied through the
     ``n_modes`` lowest eigenpairs; raises if the truncated modes keep more than 1% of their amplitude
     (exp(−τ λ_K) > 0.01) rather than silently dropping them.
@@ -316,18 +317,21 @@ class Blur(LinearOperator):
         width: blur std (> 0), e.g. 0.02 on the unit square ≈ 0.64 px at 32×32.
         sigma: noise std, normalized data units.
         manifold: the manifold (or bind later with :meth:`on`).
-        n_modes: eigenpairs for the heat kernel off the grid (default 256).
+        n_modes: eigenpairs for the heat kernel off the grid; None (default) picks the smallest
+            of 64, 128, …, 2048 that damps the last mode below 1%.
     """
 
     width: float = 0.02
-    n_modes: int = 256
+    n_modes: int | None = None
 
-    def __init__(self, width=0.02, sigma=0.05, *, manifold=None, n_modes=256):
+    def __init__(self, width=0.02, sigma=0.05, *, manifold=None, n_modes=None):
         if not isinstance(width, (int, float, np.floating)) or not width > 0:
             raise ValueError(f"width must be a positive number (blur std in the manifold's length "
                              f"units), got {width!r}")
         object.__setattr__(self, "width", float(width))
-        object.__setattr__(self, "n_modes", int(n_modes))
+        if n_modes is not None and (not isinstance(n_modes, (int, np.integer)) or n_modes < 1):
+            raise ValueError(f"n_modes must be a positive integer or None, got {n_modes!r}")
+        object.__setattr__(self, "n_modes", n_modes)
         object.__setattr__(self, "sigma", sigma)
         object.__setattr__(self, "manifold", manifold)
         self.__post_init__()
@@ -341,10 +345,18 @@ class Blur(LinearOperator):
         if isinstance(base, Grid):
             return ("grid", _gaussian_matrix_1d(base.height, self.width * base.height),
                     _gaussian_matrix_1d(base.width, self.width * base.width))
-        k = min(self.n_modes, manifold.max_eigenpairs)
-        evals, evecs = manifold.eigenpairs(k)
         tau = self.width**2 / 2
-        if k < manifold.max_eigenpairs and math.exp(-tau * evals[-1]) > 0.01:
+        kmax = manifold.max_eigenpairs
+        if self.n_modes is not None:
+            candidates = [min(self.n_modes, kmax)]
+        else:  # smallest K in 64, 128, … whose last mode is damped below 1%
+            candidates = [min(64 * 2**i, kmax) for i in range(6)]
+            candidates = sorted(set(candidates))
+        for k in candidates:
+            evals, evecs = manifold.eigenpairs(k)
+            if k == kmax or math.exp(-tau * evals[-1]) <= 0.01:
+                break
+        else:
             need = math.log(100) / tau
             raise ValueError(f"Blur(width={self.width}) needs eigenvalues up to {need:.3g} but "
                              f"n_modes={k} reaches {evals[-1]:.3g}; raise n_modes or the width")

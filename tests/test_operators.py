@@ -1,0 +1,180 @@
+"""Forward operators: adjointness in the Euclidean inner product, noise model, masks, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from geodiff import Grid, Mesh, Sphere
+from geodiff.operators import Blur, Denoise, Measurement, RandomMask, SuperResolution
+
+MANIFOLDS = {
+    "grid": lambda: Grid(8, 6, channels=2),
+    "latlon": lambda: Sphere.latlon(8, 10),
+    "healpix": lambda: Sphere.healpix(2),
+    "mesh": lambda: Mesh.bunny(4),
+}
+
+
+def operators_for(m):
+    ops = [Denoise(0.1), RandomMask(0.6, 0.05), RandomMask((0.3, 0.6), 0.05), Blur(0.15, 0.02)]
+    if isinstance(m, Grid):
+        ops.append(SuperResolution(2, 0.1))
+    return [op.on(m) for op in ops]
+
+
+CASES = [(name, i) for name in MANIFOLDS for i in range(5 if name == "grid" else 4)]
+
+
+@pytest.fixture(params=CASES, ids=[f"{n}-{i}" for n, i in CASES])
+def case(request):
+    name, i = request.param
+    m = MANIFOLDS[name]()
+    return m, operators_for(m)[i]
+
+
+def test_adjoint_matches_forward(case, x64):
+    """⟨A x, v⟩ = ⟨x, Aᵀ v⟩ for every linear operator on every manifold (float64)."""
+    m, op = case
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k1, (3, m.n_vertices, 2), jnp.float64)
+    meas = op.measure(k2, x)
+    v = jax.random.normal(k3, meas.y.shape, jnp.float64)
+    lhs = jnp.sum(op.forward(x, meas) * v)
+    rhs = jnp.sum(x * op.adjoint(v, meas))
+    np.testing.assert_allclose(float(lhs), float(rhs), rtol=1e-10)
+
+
+def test_shapes_batching_and_sample_dims(case, key):
+    m, op = case
+    x = jax.random.uniform(key, (2, 3, m.n_vertices, 2))
+    meas = op.measure(key, x)
+    vy = meas.y.shape[-2]
+    assert meas.y.shape == (2, 3, vy, 2) and meas.mask.shape == (2, 3, vy, 1)
+    assert meas.mask.dtype == jnp.bool_ and meas.batch_shape == (2, 3)
+    # forward broadcasts over leading sample dims
+    assert op.forward(jnp.stack([x] * 4), meas).shape == (4, 2, 3, vy, 2)
+    assert op.adjoint(meas.y, meas).shape == x.shape
+    # one example of a batch equals the unbatched operator with that example's parameters
+    one = meas[1, 2]
+    np.testing.assert_allclose(op.forward(x[1, 2], one), op.forward(x, meas)[1, 2], rtol=1e-6)
+    # unobserved entries are exactly zero; jit gives the same measurement
+    assert jnp.all(jnp.where(meas.mask, 0.0, meas.y) == 0)
+    jitted = jax.jit(op.measure)(key, x)
+    np.testing.assert_allclose(jitted.y, meas.y, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_is_gaussian_with_sigma_on_observed_entries(key):
+    m = Grid(32, 32)
+    x = jnp.full((16, m.n_vertices, 1), 0.5)
+    for op in [Denoise(0.1).on(m), RandomMask(0.5, 0.2).on(m)]:
+        meas = op.measure(key, x)
+        resid = (meas.y - op.forward(x, meas))[meas.mask[..., 0]]
+        assert abs(float(resid.mean())) < 4 * op.sigma / np.sqrt(resid.size)
+        np.testing.assert_allclose(float(resid.std()), op.sigma, rtol=0.03)
+
+
+def test_random_mask_ratio_is_exact_and_masks_differ(key):
+    m = Sphere.latlon(10, 12)
+    op = RandomMask(0.6, 0.0).on(m)
+    meas = op.measure(key, jnp.ones((5, m.n_vertices, 3)))
+    missing = (~meas.mask[..., 0]).sum(-1)
+    assert np.all(missing == round(0.6 * m.n_vertices))
+    assert not jnp.all(meas.mask[0] == meas.mask[1])
+    # shared by all channels: y is 1 exactly on observed vertices in every channel (σ = 0)
+    assert jnp.all(meas.y == meas.mask)
+    # same key → same masks; another key → other masks
+    again = op.measure(key, jnp.ones((5, m.n_vertices, 3)))
+    assert jnp.all(again.mask == meas.mask)
+
+
+def test_blind_mask_draws_ratio_in_range(key):
+    m = Grid(16, 16)
+    op = RandomMask((0.3, 0.6), 0.05).on(m)
+    meas = op.measure(key, jnp.zeros((64, m.n_vertices, 1)))
+    r = np.asarray(meas.params["ratio"])
+    assert r.shape == (64,) and r.min() >= 0.3 and r.max() <= 0.6 and r.std() > 0.05
+    missing = (~meas.mask[..., 0]).sum(-1)
+    np.testing.assert_array_equal(missing, np.round(r * m.n_vertices))
+
+
+@pytest.mark.parametrize("m", [Grid(16, 12), Sphere.latlon(12, 16), Mesh.bunny(4)],
+                         ids=["grid", "sphere", "mesh"])
+def test_blur_preserves_constants_and_smooths(m):
+    op = Blur(0.1, 0.0).on(m)
+    ones = jnp.ones((m.n_vertices, 1))
+    meas = op.measure(jax.random.key(0), ones)
+    np.testing.assert_allclose(op.forward(ones, meas), ones, rtol=1e-4)
+    rough = jax.random.normal(jax.random.key(1), (m.n_vertices, 1))
+    assert float(m.norm(op.forward(rough, meas) - rough.mean())) < float(m.norm(rough - rough.mean()))
+
+
+def test_heat_kernel_blur_damps_each_eigenmode_by_its_heat_factor():
+    s = Sphere.latlon(16, 24)
+    evals, evecs = s.eigenpairs(9)
+    op = Blur(0.3, 0.0).on(s)
+    meas = op.measure(jax.random.key(0), jnp.zeros((s.n_vertices, 1)))
+    out = op.forward(jnp.asarray(evecs[:, 5:6], jnp.float32), meas)
+    np.testing.assert_allclose(out[:, 0], np.exp(-0.045 * evals[5]) * evecs[:, 5], atol=1e-5)
+
+
+def test_grid_blur_matches_a_gaussian_away_from_borders():
+    g = Grid(33, 33)
+    op = Blur(2.0 / 33, 0.0).on(g)  # std 2 px
+    delta = np.zeros((33, 33, 1))
+    delta[16, 16] = 1.0
+    x = jnp.asarray(g.from_layout(delta), jnp.float32)
+    out = g.to_layout(op.forward(x, op.measure(jax.random.key(0), x)))[..., 0]
+    i = np.arange(33) - 16
+    w = np.where(np.abs(i) <= 6, np.exp(-0.5 * (i / 2.0) ** 2), 0.0)  # truncated at 3 std
+    w /= w.sum()
+    np.testing.assert_allclose(out, np.outer(w, w), atol=1e-6)
+
+
+def test_super_resolution_averages_blocks():
+    g = Grid(4, 6)
+    op = SuperResolution(2, 0.0).on(g)
+    img = np.arange(24, dtype=np.float32).reshape(4, 6, 1)
+    x = jnp.asarray(g.from_layout(img))
+    y = op.forward(x, op.measure(jax.random.key(0), x))
+    expected = img.reshape(2, 2, 3, 2, 1).mean(axis=(1, 3)).reshape(6, 1)
+    np.testing.assert_allclose(y, expected)
+
+
+def test_bad_input_raises_clear_errors(key):
+    g = Grid(8, 8)
+    for bad in [-0.1, 1.5, (0.6, 0.3), (0.1, 1.2), "half"]:
+        with pytest.raises(ValueError, match="ratio must be"):
+            RandomMask(bad, 0.1)
+    for bad in [-1.0, float("nan"), "0.1"]:
+        with pytest.raises(ValueError, match="sigma must be"):
+            Denoise(bad)
+    with pytest.raises(ValueError, match="width must be"):
+        Blur(0.0, 0.1)
+    with pytest.raises(ValueError, match="factor must be"):
+        SuperResolution(1, 0.1)
+    with pytest.raises(ValueError, match="SuperResolution acts on a Grid"):
+        SuperResolution(2, 0.1).on(Sphere.latlon(8, 8))
+    with pytest.raises(ValueError, match="must divide"):
+        SuperResolution(3, 0.1).on(g)
+    with pytest.raises(ValueError, match="Blur needs a manifold"):
+        Blur(0.1, 0.1).measure(key, jnp.zeros((64, 1)))
+    with pytest.raises(ValueError, match="n_modes"):
+        Blur(0.01, 0.1, n_modes=32).on(Sphere.latlon(20, 30))
+    op = RandomMask(0.5, 0.1).on(g)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 64, C\)"):
+        op.measure(key, jnp.zeros((63, 1)))
+    with pytest.raises(ValueError, match="x contains NaN"):
+        op.measure(key, jnp.full((64, 1), jnp.nan))
+    with pytest.raises(ValueError, match="key must be a single PRNG key"):
+        op.measure(jnp.zeros(3), jnp.zeros((64, 1)))
+    meas = op.measure(key, jnp.zeros((2, 64, 1)))
+    wrong_mask = Measurement(y=meas.y, mask=meas.mask[:, :10], params=meas.params)
+    with pytest.raises(ValueError, match="measurement.mask must have shape"):
+        op.forward(jnp.zeros((2, 64, 1)), wrong_mask)
+    with pytest.raises(ValueError, match="to match the measurement's batch shape"):
+        op.forward(jnp.zeros((3, 64, 1)), meas)
+    with pytest.raises(ValueError, match="measurement.y has 64 entries"):
+        SuperResolution(2, 0.1).on(g).forward(jnp.zeros((2, 64, 1)), meas)
+    with pytest.raises(TypeError, match="Measurement"):
+        op.forward(jnp.zeros((64, 1)), {"y": 0})
