@@ -159,6 +159,17 @@ class Manifold:
             evecs = evecs[self._index]
         return evals.copy(), evecs.copy()
 
+    def geometry_mesh(self) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+        """The duplicate-free mesh the geometry is built on.
+
+        Returns:
+            stiffness (N, N) sparse, mass (N,), index (V,) mapping each layout vertex to its mesh
+            vertex (the identity unless the layout repeats points, as the lat-lon poles do).
+        """
+        L, m, _ = self._mesh_geometry()
+        index = np.arange(self.n_vertices) if self._index is None else self._index.copy()
+        return L, m, index
+
     @functools.cached_property
     def laplacian(self) -> sp.csr_matrix:
         """(V, V) sparse stiffness matrix L (positive semi-definite; ``L·1 = 0``).
