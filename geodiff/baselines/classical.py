@@ -7,6 +7,8 @@ S samples.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,29 +99,44 @@ def kriging(operator: LinearOperator, measurement: Measurement, *, mean, cov_fac
     if _selection(operator):
         if operator.sigma == 0 and float(jnp.min(d)) == 0:
             raise ValueError("kriging with sigma = 0 needs nugget > 0 (the system is singular)")
-
-        def one(m: Measurement):
-            w = jnp.broadcast_to(m.mask, (V, C)).reshape(D) / (d + s2)
-            r = (m.y - jnp.where(m.mask, mu, 0.0)).reshape(D)
-            wr = w * r
-            inner = jnp.eye(F.shape[1], dtype=dtype) + F.T @ (w[:, None] * F)
-            alpha = wr - w * (F @ jnp.linalg.solve(inner, F.T @ wr))
-            return mu + (F @ (F.T @ alpha) + d * alpha).reshape(V, C)
-    else:
-        def one(m: Measurement):
-            eye = jnp.eye(D, dtype=dtype).reshape(D, V, C)
-            A = jax.vmap(lambda e: operator.forward(e, m))(eye)  # (D, Vy, C): columns of A
-            A = A.reshape(D, -1).T  # (Dy, D)
-            AF = A @ F
-            K = AF @ AF.T + (A * d) @ A.T + s2 * jnp.eye(A.shape[0], dtype=dtype)
-            resid = (m.y - operator.forward(mu, m)).reshape(-1)
-            alpha = A.T @ jnp.linalg.solve(K, resid)
-            return mu + (F @ (F.T @ alpha) + d * alpha).reshape(V, C)
-
     batch = measurement.batch_shape
     flat = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[len(batch):]), measurement)
-    out = jax.jit(jax.vmap(one))(flat)
+    if _selection(operator):
+        out = _kriging_selection(mu, F, d, jnp.asarray(s2, dtype), flat.y, flat.mask)
+    else:
+        out = _kriging_dense(operator, mu, F, d, flat)
     return out.reshape(*batch, V, C)
+
+
+@jax.jit
+@functools.partial(jax.vmap, in_axes=(None, None, None, None, 0, 0))
+def _kriging_selection(mu, F, d, s2, y, mask):
+    """Woodbury solve for A = a selection of entries; y, mask (V, C), (V, 1)."""
+    V, C = mu.shape
+    w = jnp.broadcast_to(mask, (V, C)).reshape(-1) / (d + s2)
+    wr = w * (y - jnp.where(mask, mu, 0.0)).reshape(-1)
+    inner = jnp.eye(F.shape[1], dtype=F.dtype) + F.T @ (w[:, None] * F)
+    alpha = wr - w * (F @ jnp.linalg.solve(inner, F.T @ wr))
+    return mu + (F @ (F.T @ alpha) + d * alpha).reshape(V, C)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kriging_dense(operator, mu, F, d, measurements):
+    """Dense solve in measurement space for a general linear A (materialized column by column)."""
+    V, C = mu.shape
+    D = V * C
+    s2 = operator.sigma**2
+
+    def one(m):
+        eye = jnp.eye(D, dtype=F.dtype).reshape(D, V, C)
+        A = jax.vmap(lambda e: operator.forward(e, m))(eye).reshape(D, -1).T  # (Dy, D)
+        AF = A @ F
+        K = AF @ AF.T + (A * d) @ A.T + s2 * jnp.eye(A.shape[0], dtype=F.dtype)
+        resid = (m.y - operator.forward(mu, m)).reshape(-1)
+        alpha = A.T @ jnp.linalg.solve(K, resid)
+        return mu + (F @ (F.T @ alpha) + d * alpha).reshape(V, C)
+
+    return jax.vmap(one)(measurements)
 
 
 def harmonic(manifold: Manifold, operator, measurement: Measurement):

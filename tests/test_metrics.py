@@ -1,0 +1,52 @@
+"""Metrics against scikit-image and their definitions."""
+
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from geodiff import Grid, Mesh, Sphere
+from geodiff.metrics import area_rmse, coverage, mse, psnr, ssim
+
+
+def test_psnr_and_ssim_agree_with_scikit_image():
+    g = Grid(24, 20, channels=2)
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(size=(3, g.n_vertices, 2))
+    x = np.clip(ref + 0.1 * rng.normal(size=ref.shape), 0, 1)
+    got_p, got_s = psnr(x, ref), ssim(x, ref, g)
+    assert got_p.shape == (3,) and got_s.shape == (3,)
+    for b in range(3):
+        a, r = g.to_layout(x[b]), g.to_layout(ref[b])
+        np.testing.assert_allclose(got_p[b], peak_signal_noise_ratio(r, a, data_range=1.0), rtol=1e-10)
+        want = structural_similarity(r, a, data_range=1.0, channel_axis=-1, gaussian_weights=True,
+                                     sigma=1.5, use_sample_covariance=False)
+        np.testing.assert_allclose(got_s[b], want, rtol=1e-6)
+
+
+def test_ssim_on_latlon_and_errors():
+    s = Sphere.latlon(16, 24)
+    x = np.random.default_rng(1).uniform(size=(s.n_vertices, 1))
+    np.testing.assert_allclose(ssim(x, x, s), 1.0)
+    with pytest.raises(ValueError, match="2-D layout"):
+        ssim(x[:453], x[:453], Mesh.bunny(4))
+    with pytest.raises(ValueError, match="broadcastable"):
+        mse(x, x[:10])
+
+
+def test_area_rmse_weights_by_mass():
+    s = Sphere.latlon(16, 24)
+    err = np.zeros((s.n_vertices, 1))
+    err[:24] = 1.0  # the north pole copies: a tiny area
+    np.testing.assert_allclose(area_rmse(err, 0 * err, s), np.sqrt(s.mass[:24].sum() / s.area))
+    assert area_rmse(err, 0 * err, s) < 0.25 * np.sqrt(mse(err, 0 * err))
+    np.testing.assert_allclose(area_rmse(err + 2.0, err, s), 2.0)
+
+
+def test_coverage_of_exact_gaussian_samples_is_nominal():
+    rng = np.random.default_rng(2)
+    mean, std = rng.normal(size=(50, 1)), rng.uniform(0.5, 2, size=(50, 1))
+    truth = mean + std * rng.normal(size=(400, 50, 1))
+    samples = mean + std * rng.normal(size=(2000, 400, 50, 1))
+    cov = coverage(samples, truth)
+    assert cov.shape == (400,)
+    np.testing.assert_allclose(cov.mean(), 0.9, atol=0.01)
