@@ -51,6 +51,9 @@ def atomic_savez(path: str | os.PathLike, **arrays) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

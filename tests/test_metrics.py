@@ -50,3 +50,21 @@ def test_coverage_of_exact_gaussian_samples_is_nominal():
     cov = coverage(samples, truth)
     assert cov.shape == (400,)
     np.testing.assert_allclose(cov.mean(), 0.9, atol=0.01)
+
+
+def test_time_call_excludes_warmup():
+    import time
+
+    from geodiff.timing import time_call
+
+    calls = []
+
+    def slow_first(x):
+        calls.append(x)
+        time.sleep(0.3 if len(calls) == 1 else 0.01)
+        return x
+
+    t, out = time_call(slow_first, 5, repeats=3)
+    assert out == 5 and len(calls) == 4 and t < 0.2
+    with pytest.raises(ValueError, match="repeats must be"):
+        time_call(slow_first, 1, repeats=0)
