@@ -38,3 +38,14 @@ def test_era5_imputation_smoke(tmp_path):
     assert by["Kriging"]["psnr"] > by["Harmonic"]["psnr"]
     for name in ["results.json", "results.md", "globe.png"]:
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_geometry_build_smoke(tmp_path):
+    script = load_script("geometry_build")
+    result = script.main(["--smoke", "--json", str(tmp_path / "g.json")])
+    rows = {r["manifold"]: r for r in result["rows"]}
+    assert rows["Sphere.latlon(46, 90)"]["n_vertices"] == 4140
+    assert rows["Mesh.bunny(3)"]["n_vertices"] == 1887
+    for r in rows.values():
+        assert r["cold_s"] > 0 and r["cached_s"] > 0
+    assert json.loads((tmp_path / "g.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
