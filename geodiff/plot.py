@@ -369,12 +369,7 @@ def globe(sphere: Sphere, fields: Mapping[str, np.ndarray], path=None, *, projec
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, nc, i + 1, projection=proj)
         axes.flat[i] = ax
-        if own[i]:
-            norm, cm = _own_norm(data[name])
-        elif shared_scale:
-            norm, cm = shared, cmap
-        else:
-            norm, cm = _shared_norm([data[name]], vmin, vmax), cmap
+        norm, cm = _panel_norm(data[name], own[i], shared_scale, shared, cmap, vmin, vmax)
         values = np.ma.masked_invalid(data[name].reshape(nlat, nlon)[:, cols])
         mesh = ax.pcolormesh(lon_e, lat_e, values, transform=ccrs.PlateCarree(), cmap=_cmap(cm),
                              norm=norm, shading="flat", rasterized=True)
@@ -389,6 +384,15 @@ def globe(sphere: Sphere, fields: Mapping[str, np.ndarray], path=None, *, projec
         fig.suptitle(suptitle)
     _save(fig, path)
     return fig
+
+
+def _panel_norm(values, own, shared_scale, shared, cmap, vmin, vmax):
+    """The (norm, cmap) of one panel: its own scale, the shared one, or one fitted to it alone."""
+    if own:
+        return _own_norm(values)
+    if shared_scale:
+        return shared, cmap
+    return _shared_norm([values], vmin, vmax), cmap
 
 
 # ------------------------------------------------------------------------------ mesh_render
@@ -437,12 +441,7 @@ def mesh_render(mesh: Mesh, fields: Mapping[str, np.ndarray], path=None, *, unit
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, nc, i + 1, projection="3d")
         axes.flat[i] = ax
-        if own[i]:
-            norm, cm = _own_norm(data[name])
-        elif shared_scale:
-            norm, cm = shared, cmap
-        else:
-            norm, cm = _shared_norm([data[name]], None, None), cmap
+        norm, cm = _panel_norm(data[name], own[i], shared_scale, shared, cmap, None, None)
         cm = _cmap(cm)
         face_values = np.ma.masked_invalid(data[name][f].mean(axis=1))
         rgba = cm(norm(face_values))
