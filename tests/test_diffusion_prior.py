@@ -152,12 +152,21 @@ def _structured_data(g, n, seed=0):
 @pytest.mark.slow
 def test_tiny_prior_trains_saves_loads_and_resumes(tmp_path):
     g = Grid(8, 8)
-    data = _structured_data(g, 256)
+    data = _structured_data(g, 512)
+    data, held_out = data[:256], data[256:]
     prior, hist = DiffusionPrior.train(jax.random.key(0), g, data, steps=150, batch_size=32,
                                        config=TINY, learning_rate=3e-3, warmup_steps=10,
                                        progress=False)
     loss = np.asarray(hist["loss"])
-    assert loss[-20:].mean() < 0.7 * loss[:5].mean()  # the DSM loss falls
+    assert loss[-5:].mean() < loss[:5].mean()  # the DSM loss falls (most of it is irreducible)
+    # the start is the exact per-vertex Gaussian; training must learn the spatial correlations:
+    # on held-out data its Tweedie denoiser at λ = 0.3 beats the per-vertex Gaussian's clearly
+    gauss = untrained(g, prior.data_mean, prior.data_std)
+    t = float(prior.sde.t_from_noise_ratio(0.3))
+    x_t, _ = prior.sde.perturb(jax.random.key(1), jnp.asarray(held_out), jnp.full(len(held_out), t))
+    mse_trained = float(jnp.mean((prior.denoise(x_t, t) - held_out) ** 2))
+    mse_gauss = float(jnp.mean((gauss.denoise(x_t, t) - held_out) ** 2))
+    assert mse_trained < 0.7 * mse_gauss, (mse_trained, mse_gauss)
     samples = prior.sample(jax.random.key(1), 8, steps=50)
     assert samples.shape == (8, 64, 1) and jnp.all(jnp.isfinite(samples))
     # save / load round trip: identical scores
