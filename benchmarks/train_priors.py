@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def train_or_load(dataset: str, mode_name: str, *, seed: int = 0, steps: int | N
     if path.exists() and not retrain and steps is None:
         return DiffusionPrior.load(path, manifold), None, manifold, data
     ckpt = cache_dir("priors") / f"{dataset}-{mode_name}-ckpt"
+    if retrain and ckpt.exists():
+        shutil.rmtree(ckpt)
     t0 = time.perf_counter()
     prior, history = DiffusionPrior.train(
         jax.random.key(seed), manifold, data, steps=steps or mode.steps, batch_size=mode.batch_size,
