@@ -49,3 +49,20 @@ def test_geometry_build_smoke(tmp_path):
     for r in rows.values():
         assert r["cold_s"] > 0 and r["cached_s"] > 0
     assert json.loads((tmp_path / "g.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+
+
+@pytest.mark.slow
+def test_train_priors_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path / "cache"))
+    script = load_script("train_priors")
+    result = script.main(["--smoke", "--dataset", "all", "--no-progress", "--out", str(tmp_path / "figs"),
+                          "--json", str(tmp_path / "p.json")])
+    rows = {r["dataset"]: r for r in result["rows"]}
+    assert set(rows) == {"era5", "bunny", "mnist"}
+    for name, r in rows.items():
+        assert r["trained_now"] and r["steps"] == 4 and r["step_s"] > 0 and r["n_params"] > 0
+        assert (tmp_path / "figs" / f"{name}-smoke.png").stat().st_size > 0
+        assert (tmp_path / "cache" / "priors" / f"{name}-smoke.npz").exists()
+    # a second call reuses the cached priors instead of training again
+    again = script.main(["--smoke", "--dataset", "mnist", "--no-progress", "--out", str(tmp_path / "figs")])
+    assert again["rows"][0]["trained_now"] is False
