@@ -66,3 +66,9 @@ def test_train_priors_smoke(tmp_path, monkeypatch):
     # a second call reuses the cached priors instead of training again
     again = script.main(["--smoke", "--dataset", "mnist", "--no-progress", "--out", str(tmp_path / "figs")])
     assert again["rows"][0]["trained_now"] is False
+
+
+def test_prior_step_time_smoke(tmp_path):
+    result = load_script("prior_step_time").main(["--smoke", "--json", str(tmp_path / "s.json")])
+    assert {r["manifold"] for r in result["rows"]} == {"sphere 46x90", "bunny res3", "grid 32x32"}
+    assert all(r["step_s"] > 0 and r["compile_s"] > 0 for r in result["rows"])

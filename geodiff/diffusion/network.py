@@ -90,6 +90,18 @@ def fourier_embedding(x, dim: int):
     return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
 
 
+def neighbour_mean(h, geo: NetGeometry):
+    """Weighted 1-ring mean Σ_j w_vj h[:, idx_vj], (B, V, W) → (B, V, W).
+
+    One gather per neighbour slot, accumulated: 19× faster than gathering the whole (B, V, J, W)
+    block at once on CPU (13 ms vs 253 ms forward at B = 64, V = 4140, W = 32, J = 8).
+    """
+    acc = jnp.zeros_like(h)
+    for j in range(geo.nbr_index.shape[1]):
+        acc = acc + h[:, geo.nbr_index[:, j]] * geo.nbr_weight[None, :, j, None]
+    return acc
+
+
 class _Block(nnx.Module):
     def __init__(self, width: int, emb: int, tau_range: tuple[float, float], *, rngs: nnx.Rngs):
         lo, hi = tau_range
@@ -103,7 +115,7 @@ class _Block(nnx.Module):
         coef = jnp.einsum("kv,bvw->bkw", geo.proj, h)
         decay = jnp.exp(-geo.evals[:, None] * jnp.exp(self.log_tau[...])[None, :])
         h_diff = jnp.einsum("vk,bkw->bvw", geo.evecs, coef * decay)
-        h_nbr = jnp.einsum("bvjw,vj->bvw", h[:, geo.nbr_index], geo.nbr_weight) - h
+        h_nbr = neighbour_mean(h, geo) - h
         z = self.lin1(jnp.concatenate([h, h_diff, h_nbr], axis=-1).reshape(B * V, 3 * W)).reshape(B, V, W)
         scale, shift = jnp.split(self.film(emb), 2, axis=-1)  # (B, W) each
         z = jax.nn.silu(z * (1 + scale[:, None]) + shift[:, None])
