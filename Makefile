@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export GEODIFF_CACHE := $(CURDIR)/.cache/geodiff
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test clean-cache
+.PHONY: setup demo test priors clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/python benchmarks/era5_imputation.py --quick --out outputs/era5_demo
+
+priors: setup
+	$(BIN)/python benchmarks/train_priors.py --dataset all --quick --out outputs/priors
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -19,22 +19,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from geodiff import Sphere, __version__
+from geodiff import Sphere
 from geodiff.baselines import gaussian_fit, harmonic, kriging
 from geodiff.data import denormalize, era5_like, glosea4_split, glosea4_split_info
 from geodiff.metrics import area_rmse, mse, psnr, ssim
 from geodiff.operators import RandomMask
-from geodiff.timing import time_call
+from geodiff.timing import machine_info, time_call, versions, write_json
 
 TASK = "ERA5-like imputation 60%, σ=0.05"
 DATA_SOURCE = ("train: ERA5-like (GloSea4-anchored), generated from GloSea4 members 0-8; "
@@ -60,18 +56,6 @@ MODES = {
     "quick": Config(n_train=2000, rank=256),
     "smoke": Config(n_train=200, rank=32, n_test=4, repeats=1),
 }
-
-
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.machine(),
-            "cpu_count": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()]}
-
-
-def versions() -> dict:
-    import scipy
-
-    return {"geodiff": __version__, "jax": jax.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "python": sys.version.split()[0]}
 
 
 def evaluate(name: str, estimate: np.ndarray, truth: np.ndarray, sphere: Sphere, seconds: float) -> dict:
@@ -120,7 +104,7 @@ def run(cfg: Config, out: Path) -> dict:
                        "units": {"psnr": "dB (data range 1, normalized units)",
                                  "rmse_K": "K, area-weighted", "sigma": "normalized units"}},
               "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "results.json", result)
     table = markdown_table(rows)
     (out / "results.md").write_text(f"# {TASK}\n\nData: {DATA_SOURCE}.\n\n{table}\n")
     print(table)
@@ -161,8 +145,7 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, seed=args.seed)
     result = run(cfg, Path(args.out))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

@@ -10,13 +10,13 @@ the cold run filled (a new process would see the same). Writes ``--json PATH`` i
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
+
+from geodiff.timing import machine_info, versions, write_json
 
 BUILDERS = {
     "Sphere.latlon(46, 90)": lambda: __import__("geodiff").Sphere.latlon(46, 90),
@@ -61,14 +61,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     k = 16 if args.smoke else args.k
     rows = run(k)
-    print(f"| manifold | V | k | cold (s) | cached (s) |\n|---|---|---|---|---|")
+    print("| manifold | V | k | cold (s) | cached (s) |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['manifold']} | {r['n_vertices']} | {r['k']} | {r['cold_s']:.3f} | {r['cached_s']:.4f} |")
-    result = {"meta": {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}},
+    result = {"meta": {"machine": machine_info(), "versions": versions()},
               "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -10,15 +10,13 @@ its median step time (the first step, which compiles, is excluded). Writes ``--j
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 
 import jax
 import numpy as np
 
 from geodiff import DiffusionPrior, Grid, Mesh, Sphere
 from geodiff.diffusion import NetConfig
+from geodiff.timing import machine_info, versions, write_json
 
 MANIFOLDS = {
     "sphere 46x90": lambda: Sphere.latlon(46, 90),
@@ -55,12 +53,11 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['manifold']} | {r['n_vertices']} | {r['batch_size']} | {r['n_params']} | "
               f"{r['step_s']:.3f} | {r['compile_s']:.1f} |")
-    result = {"meta": {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-                       "config": config.__dict__, "versions": {"jax": jax.__version__}},
+    result = {"meta": {"machine": machine_info(), "versions": versions(),
+                       "config": config.__dict__},
               "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return result
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from geodiff import Grid, Mesh, Sphere
 from geodiff._cache import cache_dir
 from geodiff.diffusion import DiffusionPrior, NetConfig
+from geodiff.timing import machine_info, versions, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,13 +158,14 @@ def main(argv=None):
         print(f"{name:6s} {mode_name}: " + (f"{r['steps']} steps, {r['step_s']:.3f} s/step, "
               f"{r['wall_s']:.0f} s wall, loss {r['loss_first']:.3f} → {r['loss_last']:.3f}, "
               if info else "loaded from cache, ") + f"{per_sample:.2f} s/sample → {fig}")
-    result = {"meta": {"seed": args.seed, "mode": mode_name,
+    result = {"meta": {"seed": args.seed, "mode": mode_name, "machine": machine_info(),
+                       "versions": versions(),
                        "data_source": {"era5": "ERA5-like (GloSea4-anchored)",
                                        "bunny": "MNIST on Stanford bunny res3",
                                        "mnist": "MNIST 32x32 standing in for CelebA"}},
               "rows": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

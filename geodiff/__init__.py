@@ -7,7 +7,7 @@ The public surface. Sub-modules: ``geodiff.manifolds``, ``geodiff.operators``, `
 from geodiff.diffusion import VPSDE, DiffusionPrior, GaussianMixturePrior, GaussianPrior
 from geodiff.manifolds import Grid, Manifold, Mesh, Sphere
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["DiffusionPrior", "GaussianMixturePrior", "GaussianPrior", "Grid", "Manifold", "Mesh", "Sphere",
            "VPSDE", "__version__"]

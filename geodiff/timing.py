@@ -32,3 +32,35 @@ def time_call(fn, *args, repeats: int = 3, warmup: int = 1, **kwargs) -> tuple[f
         out = jax.block_until_ready(fn(*args, **kwargs))
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def machine_info() -> dict:
+    """Where a benchmark ran: platform, CPU count and JAX devices (for result JSON files)."""
+    import os
+    import platform
+
+    return {"platform": platform.platform(), "processor": platform.machine(),
+            "cpu_count": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()]}
+
+
+def versions() -> dict:
+    """Versions of geodiff and its numerical stack (for result JSON files)."""
+    import sys
+
+    import numpy
+    import scipy
+
+    import geodiff
+
+    return {"geodiff": geodiff.__version__, "jax": jax.__version__, "numpy": numpy.__version__,
+            "scipy": scipy.__version__, "python": sys.version.split()[0]}
+
+
+def write_json(path, result: dict) -> None:
+    """Write a benchmark result as indented JSON, creating the folder."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
