@@ -171,9 +171,11 @@ def test_tiny_prior_trains_saves_loads_and_resumes(tmp_path):
     assert samples.shape == (8, 64, 1) and jnp.all(jnp.isfinite(samples))
     # save / load round trip: identical scores
     path = prior.save(tmp_path / "prior.npz")
-    again = DiffusionPrior.load(path, g)
+    again = DiffusionPrior.load(path)  # rebuilds Grid(8, 8) from the file
+    assert isinstance(again.manifold, Grid) and again.manifold.layout_shape == (8, 8)
     x = jnp.asarray(data[:4])
     np.testing.assert_array_equal(again.score(x, 0.1), prior.score(x, 0.1))
+    np.testing.assert_array_equal(DiffusionPrior.load(path, g).score(x, 0.1), prior.score(x, 0.1))
     with pytest.raises(ValueError, match="vertices"):
         DiffusionPrior.load(path, Grid(4, 4))
     with pytest.raises(FileNotFoundError, match="no saved prior"):

@@ -353,3 +353,14 @@ def test_mesh_from_file(tmp_path):
     with pytest.raises(ValueError, match="no triangle faces"):
         Mesh.from_file(tmp_path / "empty.obj")
     assert Path(path).exists()
+
+
+def test_manifold_spec_round_trip(manifold):
+    from geodiff.manifolds.spec import manifold_from_spec, manifold_spec
+
+    for m in [manifold, manifold.padded(manifold.n_vertices + 3)]:
+        meta, arrays = manifold_spec(m)
+        again = manifold_from_spec(meta, arrays)
+        assert type(again) is type(m) and again.n_vertices == m.n_vertices
+        np.testing.assert_array_equal(again.points, m.points)
+        np.testing.assert_array_equal(again.mass, m.mass)

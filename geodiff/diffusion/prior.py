@@ -31,6 +31,7 @@ from geodiff.diffusion.base import Prior, check_time
 from geodiff.diffusion.network import NetGeometry, SpectralScoreNet, neighbour_table
 from geodiff.diffusion.sde import VPSDE
 from geodiff.manifolds import Manifold
+from geodiff.manifolds.spec import manifold_from_spec, manifold_spec
 
 FORMAT_VERSION = 1
 
@@ -230,20 +231,27 @@ class DiffusionPrior(Prior):
         path = Path(path)
         flat = {f"param/{'/'.join(map(str, k))}": np.asarray(v)
                 for k, v in _flatten(nnx.to_pure_dict(self.params)).items()}
+        spec, spec_arrays = manifold_spec(self.manifold)
         meta = {"format": FORMAT_VERSION, "class": "DiffusionPrior", "config": dataclasses.asdict(self.config),
                 "channels": self.channels, "sde": dataclasses.asdict(self.sde),
-                "manifold": repr(self.manifold), "n_vertices": self.manifold.n_vertices}
+                "manifold": repr(self.manifold), "manifold_spec": spec,
+                "n_vertices": self.manifold.n_vertices}
         arrays = {"meta": np.array(json.dumps(meta)), "data_mean": np.asarray(self.data_mean),
-                  "data_std": np.asarray(self.data_std), **flat}
+                  "data_std": np.asarray(self.data_std), **spec_arrays, **flat}
         if self.extra_features is not None:
             arrays["extra_features"] = self.extra_features
         atomic_savez(path, **arrays)
         return path
 
     @classmethod
-    def load(cls, path, manifold: Manifold) -> "DiffusionPrior":
-        """Read a prior written by :meth:`save`; ``manifold`` must be the one it was trained on
-        (same number of vertices; geometry is rebuilt, from the cache, not stored)."""
+    def load(cls, path, manifold: Manifold | None = None) -> "DiffusionPrior":
+        """Read a prior written by :meth:`save`.
+
+        Args:
+            path: the ``.npz`` file.
+            manifold: None (default) rebuilds the manifold described in the file; or pass the
+                manifold object to reuse (it must have the same number of vertices).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: no saved prior at {str(path)!r}")
@@ -251,6 +259,8 @@ class DiffusionPrior(Prior):
             meta = json.loads(str(f["meta"]))
             if meta.get("class") != "DiffusionPrior":
                 raise ValueError(f"path: {str(path)!r} is not a saved DiffusionPrior")
+            if manifold is None:
+                manifold = manifold_from_spec(meta["manifold_spec"], f)
             if meta["n_vertices"] != manifold.n_vertices:
                 raise ValueError(f"manifold has {manifold.n_vertices} vertices but the prior was "
                                  f"trained on {meta['n_vertices']} ({meta['manifold']})")
