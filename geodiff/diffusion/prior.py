@@ -260,6 +260,9 @@ class DiffusionPrior(Prior):
             if meta.get("class") != "DiffusionPrior":
                 raise ValueError(f"path: {str(path)!r} is not a saved DiffusionPrior")
             if manifold is None:
+                if "manifold_spec" not in meta:
+                    raise ValueError(f"path: {str(path)!r} does not describe its manifold (saved by "
+                                     "an older geodiff); pass manifold=")
                 manifold = manifold_from_spec(meta["manifold_spec"], f)
             if meta["n_vertices"] != manifold.n_vertices:
                 raise ValueError(f"manifold has {manifold.n_vertices} vertices but the prior was "
