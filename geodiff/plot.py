@@ -397,7 +397,7 @@ def _panel_norm(values, own, shared_scale, shared, cmap, vmin, vmax):
 
 # ------------------------------------------------------------------------------ mesh_render
 def mesh_render(mesh: Mesh, fields: Mapping[str, np.ndarray], path=None, *, units: str = "",
-                titles=None, cmap="viridis", shared_scale: bool = True,
+                titles=None, cmap="viridis", shared_scale: bool = True, vmin=None, vmax=None,
                 view: tuple[float, float] = (90, -90), ncols: int | None = None) -> Figure:
     """3-D renders of fields on a triangle mesh, faces coloured by the mean of their vertex values.
 
@@ -409,6 +409,7 @@ def mesh_render(mesh: Mesh, fields: Mapping[str, np.ndarray], path=None, *, unit
         titles: dict name → title or a sequence with one title per field (default: the names).
         cmap: colour map of the shared-scale panels.
         shared_scale: one colour scale for all panels (except error/std/diff panels).
+        vmin, vmax: fix the shared colour range (default: the data's range).
         view: (elevation, azimuth) in degrees; the default (90, −90) looks down the z axis with
             x to the right and y up (the bunny's front).
         ncols: panels per row (default: up to 4).
@@ -429,7 +430,7 @@ def mesh_render(mesh: Mesh, fields: Mapping[str, np.ndarray], path=None, *, unit
     names = list(data)
     heads = _titles(titles, names)
     own = [_own_scale(n) for n in names]
-    shared = _shared_norm([data[n] for n, o in zip(names, own) if not o], None, None)
+    shared = _shared_norm([data[n] for n, o in zip(names, own) if not o], vmin, vmax)
     nrows, nc = _grid_shape(len(names), ncols, 4)
     fig = Figure(figsize=(3.2 * nc, 3.6 * nrows), layout="constrained")
     v, f = mesh.vertices, mesh.faces
@@ -441,7 +442,7 @@ def mesh_render(mesh: Mesh, fields: Mapping[str, np.ndarray], path=None, *, unit
     for i, name in enumerate(names):
         ax = fig.add_subplot(nrows, nc, i + 1, projection="3d")
         axes.flat[i] = ax
-        norm, cm = _panel_norm(data[name], own[i], shared_scale, shared, cmap, None, None)
+        norm, cm = _panel_norm(data[name], own[i], shared_scale, shared, cmap, vmin, vmax)
         cm = _cmap(cm)
         face_values = np.ma.masked_invalid(data[name][f].mean(axis=1))
         rgba = cm(norm(face_values))
