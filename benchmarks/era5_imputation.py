@@ -6,10 +6,11 @@ of members 10–12 (files 011–013), never used for training. Each held-out fie
 mask and noise draw (seeded).
 
 Methods in this version: Gaussian optimal interpolation (kriging with the training set's mean and a
-rank-R + diagonal covariance) and harmonic (Laplacian) interpolation. The amortized sampler (APS)
-and the diffusion baselines join this table as they land.
+rank-R + diagonal covariance), harmonic (Laplacian) interpolation, and DPS (1000 steps) with the
+cached ERA5-like diffusion prior of ``benchmarks/train_priors.py`` (trained first if missing), ζ
+tuned on validation fields. The amortized sampler (APS) joins this table when it lands.
 
-    python benchmarks/era5_imputation.py --quick          # the README demo (≈ 1 minute)
+    python benchmarks/era5_imputation.py --quick          # the README demo (a few minutes)
     python benchmarks/era5_imputation.py --smoke          # what the tests run (seconds)
 
 Writes ``<out>/results.json`` (schema of API.md), ``<out>/results.md`` and ``<out>/globe.png``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +28,13 @@ import jax
 import numpy as np
 
 from geodiff import Sphere
-from geodiff.baselines import gaussian_fit, harmonic, kriging
+from geodiff.baselines import dps, gaussian_fit, harmonic, kriging, tune_zeta
 from geodiff.data import denormalize, era5_like, glosea4_split, glosea4_split_info
 from geodiff.metrics import area_rmse, mse, psnr, ssim
 from geodiff.operators import RandomMask
 from geodiff.timing import machine_info, time_call, versions, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts (train_priors)
 
 TASK = "ERA5-like imputation 60%, σ=0.05"
 DATA_SOURCE = ("train: ERA5-like (GloSea4-anchored), generated from GloSea4 members 0-8; "
@@ -49,12 +53,18 @@ class Config:
     sigma: float = 0.05          # noise std, normalized units (≈ 5.9 K)
     n_test: int | None = None    # held-out real fields to use (None: all 18)
     repeats: int = 3             # timing repeats
+    prior_mode: str = "full"     # which cached diffusion prior (benchmarks/train_priors.py)
+    dps_steps: int = 1000        # DPS reverse steps (NFE)
+    zetas: tuple = (0.1, 0.3, 1.0)  # ζ candidates, tuned on validation fields (member 010)
+    n_tune: int = 2              # validation fields used to tune ζ
+    tune_steps: int = 250        # DPS steps while tuning
 
 
 MODES = {
     "full": Config(),
-    "quick": Config(n_train=2000, rank=256),
-    "smoke": Config(n_train=200, rank=32, n_test=4, repeats=1),
+    "quick": Config(n_train=2000, rank=256, n_test=6, prior_mode="quick"),
+    "smoke": Config(n_train=200, rank=32, n_test=2, repeats=1, prior_mode="smoke", dps_steps=10,
+                    zetas=(0.1, 0.3), n_tune=1, tune_steps=5),
 }
 
 
@@ -97,10 +107,16 @@ def run(cfg: Config, out: Path) -> dict:
     secs, est = time_call(harmonic, sphere, op, meas, repeats=cfg.repeats)
     rows.append(evaluate("Harmonic", est, truth, sphere, secs))
     estimates["Harmonic"] = np.asarray(est)
+    dps_row, dps_est, zeta_scores = run_dps(cfg, sphere, op, meas, truth)
+    rows.append(dps_row)
+    estimates["DPS"] = dps_est
 
     result = {"meta": {"seed": cfg.seed, "data_source": DATA_SOURCE, "machine": machine_info(),
                        "versions": versions(), "config": dataclasses.asdict(cfg),
                        "test_fields": [f"member {m:03d} {month}" for m, month in info],
+                       "dps": {"zeta_psnr_on_validation": zeta_scores, "steps": cfg.dps_steps,
+                               "prior": f"benchmarks/train_priors.py --dataset era5 ({cfg.prior_mode})",
+                               "zeta_units": "normalized data units, non-squared residual norm"},
                        "units": {"psnr": "dB (data range 1, normalized units)",
                                  "rmse_K": "K, area-weighted", "sigma": "normalized units"}},
               "rows": rows}
@@ -111,6 +127,28 @@ def run(cfg: Config, out: Path) -> dict:
     plot(sphere, truth[0], meas, estimates, out / "globe.png", title=f"{info[0][1]}, member {info[0][0]:03d}")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'globe.png'}")
     return result
+
+
+def run_dps(cfg: Config, sphere, op, meas, truth):
+    """DPS with the cached ERA5-like diffusion prior: ζ tuned on validation fields (GloSea4
+    member 010, never a test field), then one sample per test field. Time per sample is from a
+    second single-field run (compile excluded)."""
+    from train_priors import train_or_load
+
+    prior, info, _, _ = train_or_load("era5", cfg.prior_mode, seed=cfg.seed, progress=False)
+    val = glosea4_split("val")[: cfg.n_tune]
+    val_meas = op.measure(jax.random.key(cfg.seed + 1), val)
+    zeta, scores = tune_zeta(jax.random.key(cfg.seed + 2), prior, op, val_meas, val,
+                             zetas=cfg.zetas, steps=cfg.tune_steps)
+    print(f"DPS: ζ tuned on {len(val)} validation fields: {scores} → ζ = {zeta}")
+    one = meas[0:1]
+    dps(jax.random.key(0), prior, op, one, n=1, steps=cfg.dps_steps, zeta=zeta)  # compile
+    secs, _ = time_call(dps, jax.random.key(0), prior, op, one, n=1, steps=cfg.dps_steps, zeta=zeta,
+                        repeats=1, warmup=0)
+    est = np.asarray(dps(jax.random.key(cfg.seed + 3), prior, op, meas, n=1, steps=cfg.dps_steps,
+                         zeta=zeta)[0])
+    row = evaluate("DPS", est, truth, sphere, secs * len(truth))
+    return row | {"zeta": zeta, "nfe": cfg.dps_steps}, est, scores
 
 
 def markdown_table(rows: list[dict]) -> str:
