@@ -55,7 +55,7 @@ class Config:
     repeats: int = 3             # timing repeats
     prior_mode: str = "full"     # which cached diffusion prior (benchmarks/train_priors.py)
     dps_steps: int = 1000        # DPS reverse steps (NFE)
-    zetas: tuple = (0.1, 0.3, 1.0)  # ζ candidates, tuned on validation fields (member 010)
+    zetas: tuple = (0.3, 1.0, 3.0)  # ζ candidates, tuned on validation fields (member 010)
     n_tune: int = 2              # validation fields used to tune ζ
     tune_steps: int = 250        # DPS steps while tuning
 
