@@ -1,0 +1,136 @@
+"""Every bijection: inverse round trip and log-det equal to log|det jax.jacobian| (x64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from geodiff import Grid, Mesh, Sphere
+from geodiff.flows import (ActNorm, AffineCoupling, ConditionalRealNVP, SpectralConditioner,
+                           vertex_partition)
+
+
+def perturb(module, scale=0.3, seed=0):
+    """Give every parameter a random value, so tests see more than the identity."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(max(leaf.shape[0], 1))
+              for leaf, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves), rest)
+
+
+def check_bijection(layer, x, condition, valid):
+    """Round trip and log-det vs the dense Jacobian of one example."""
+    y, ld = layer.forward(x, condition)
+    x_back, ld_inv = layer.inverse(y, condition)
+    np.testing.assert_allclose(x_back, x, atol=1e-9)
+    np.testing.assert_allclose(ld_inv, -ld, atol=1e-9)
+    shape = x.shape[1:]
+    c0 = None if condition is None else condition[:1]
+    f = lambda v: layer.forward(v.reshape(1, *shape), c0)[0].reshape(-1)  # noqa: E731
+    jac = jax.jacobian(f)(x[0].reshape(-1))
+    sign, logabs = jnp.linalg.slogdet(jac)
+    assert sign > 0
+    np.testing.assert_allclose(ld[0], logabs, atol=1e-8)
+    # padding vertices pass through unchanged
+    pad = ~np.asarray(valid, bool)
+    np.testing.assert_array_equal(np.asarray(y)[:, pad], np.asarray(x)[:, pad])
+
+
+MANIFOLDS = {"grid": lambda: Grid(3, 4), "sphere": lambda: Sphere.latlon(5, 4),
+             "mesh": lambda: Mesh.bunny(4), "padded": lambda: Grid(3, 4).padded(14)}
+
+
+CASES = [("grid", "spectral", 0), ("grid", "spectral", 2), ("sphere", "spectral", 2),
+         ("mesh", "spectral", 2), ("padded", "spectral", 2), ("grid", "dense", 0),
+         ("grid", "dense", 2), ("padded", "dense", 2)]
+
+
+@pytest.mark.parametrize("name,conditioner,cc", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_flow_is_a_bijection_with_exact_logdet(name, conditioner, cc, x64):
+    m = MANIFOLDS[name]()
+    flow = perturb(ConditionalRealNVP(m, channels=1, condition_channels=cc, n_steps=2,
+                                      conditioner=conditioner, hidden=8, n_eig=6))
+    key1, key2 = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(key1, (2, m.n_vertices, 1), jnp.float64)
+    cond = None if cc == 0 else jax.random.normal(key2, (2, m.n_vertices, cc), jnp.float64)
+    if name == "mesh":  # the dense Jacobian is 453×453: check the round trip only
+        y, ld = flow.forward(x, cond)
+        xb, ldi = flow.inverse(y, cond)
+        np.testing.assert_allclose(xb, x, atol=1e-8)
+        np.testing.assert_allclose(ldi, -ld, atol=1e-8)
+        return
+    check_bijection(flow, x, cond, m.valid)
+
+
+def test_each_layer_alone(x64):
+    g = Grid(3, 4)
+    valid = g.valid
+    act = perturb(ActNorm(12, 2, valid))
+    x = jax.random.normal(jax.random.key(0), (3, 12, 2), jnp.float64)
+    check_bijection(act, x, None, valid)
+    ev, V = g.eigenpairs(5)
+    cond = SpectralConditioner(V, g.mass, 2, 1, hidden=8, rngs=nnx.Rngs(0))
+    coup = perturb(AffineCoupling(cond, vertex_partition(g), valid))
+    check_bijection(coup, x, jax.random.normal(jax.random.key(1), (3, 12, 1), jnp.float64), valid)
+
+
+def test_untrained_flow_is_the_identity():
+    m = Sphere.latlon(5, 4)
+    flow = ConditionalRealNVP(m, condition_channels=2, n_steps=3, hidden=8, n_eig=6)
+    z = jax.random.normal(jax.random.key(0), (4, m.n_vertices, 1))
+    c = jax.random.normal(jax.random.key(1), (4, m.n_vertices, 2))
+    x, ld = flow.forward(z, c)
+    np.testing.assert_array_equal(x, z)
+    np.testing.assert_array_equal(ld, 0.0)
+
+
+def test_log_prob_is_the_change_of_variables_and_samples_are_finite():
+    m = Grid(3, 4).padded(14)
+    flow = perturb(ConditionalRealNVP(m, condition_channels=1, n_steps=2, hidden=8, n_eig=6))
+    c = jax.random.normal(jax.random.key(1), (2, 14, 1))
+    x = flow.sample(jax.random.key(2), c, n=5)
+    assert x.shape == (5, 2, 14, 1) and jnp.all(jnp.isfinite(x))
+    assert jnp.all(x[..., 12:, :] == 0)  # padding stays zero
+    z = jax.random.normal(jax.random.key(3), (2, 14, 1)) * jnp.asarray(m.valid, jnp.float32)[:, None]
+    x, ld = flow.forward(z, c)
+    want = jax.scipy.stats.norm.logpdf(z[:, :12]).sum(axis=(1, 2)) - ld
+    np.testing.assert_allclose(flow.log_prob(x, c), want, rtol=1e-5)
+
+
+def test_actnorm_data_dependent_init():
+    act = ActNorm(6, 1, np.ones(6, bool))
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (500, 6, 1))
+    act.initialize(x)
+    y, _ = act.forward(x)
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.std(0), 1.0, atol=1e-4)
+
+
+def test_partition_interleaves():
+    g = Grid(4, 4)
+    p = vertex_partition(g).reshape(4, 4)
+    assert p.sum() == 8 and np.all(p[:, 1:] != p[:, :-1])
+    b = Mesh.bunny(4)
+    part = vertex_partition(b)
+    L = b.laplacian.tocoo()
+    off = L.row != L.col
+    different = np.mean(part[L.row[off]] != part[L.col[off]])
+    assert 0.4 < part.mean() < 0.6 and different > 0.6  # most edges cross the partition
+
+
+def test_bad_input():
+    g = Grid(3, 4)
+    flow = ConditionalRealNVP(g, condition_channels=2, n_steps=1, hidden=4, n_eig=4)
+    with pytest.raises(ValueError, match=r"z must have shape \(B, 12, 1\)"):
+        flow.forward(jnp.zeros((2, 11, 1)), jnp.zeros((2, 11, 2)))
+    with pytest.raises(ValueError, match="condition must have shape"):
+        flow.forward(jnp.zeros((2, 12, 1)))
+    with pytest.raises(ValueError, match="unconditional"):
+        ConditionalRealNVP(g, n_steps=1, hidden=4, n_eig=4).forward(jnp.zeros((2, 12, 1)), jnp.zeros((2, 12, 2)))
+    with pytest.raises(ValueError, match="conditioner must be"):
+        ConditionalRealNVP(g, conditioner="conv")
+    with pytest.raises(ValueError, match="n must be"):
+        flow.sample(jax.random.key(0), jnp.zeros((1, 12, 2)), n=0)
