@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geodiff.diffusion.base import Prior
-from geodiff.operators import Denoise, LinearOperator, Measurement, Operator, RandomMask
+from geodiff.operators import Denoise, Measurement, Operator, RandomMask
 
 
 def _check(prior, operator, measurement, *, n=1, steps=1, zeta=1.0):
