@@ -326,9 +326,10 @@ def load_checkpoint(path, *, params_like=None) -> dict:
 # -------------------------------------------------------------------------------------- the step
 def _make_step(loss_fn, tx, *, has_aux, ema_decay, batch_size, n_examples, aux_names,
                batch_sharding, out_sharding):
-    """The jitted train step ``(carry, data, key) -> carry``; the carry (arg 0) is donated."""
+    """The jitted train step ``(carry, data, key, frozen) -> carry``; the carry (arg 0) is donated.
+    ``loss_fn(params, batch, key, frozen)``."""
 
-    def step_fn(carry, data, key):
+    def step_fn(carry, data, key, frozen):
         params, step = carry["params"], carry["step"]
         k_batch, k_loss = jax.random.split(jax.random.fold_in(key, step))
         idx = jax.random.randint(k_batch, (batch_size,), 0, n_examples)
@@ -339,7 +340,7 @@ def _make_step(loss_fn, tx, *, has_aux, ema_decay, batch_size, n_examples, aux_n
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
 
         def objective(trainable):
-            out = loss_fn(_merge(trainable, params), batch, k_loss)
+            out = loss_fn(_merge(trainable, params), batch, k_loss, frozen)
             return out if has_aux else (out, {})
 
         trainable = _trainable(params)
@@ -387,7 +388,7 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
         warmup_steps: int = 0, clip_norm: float | None = 1.0, ema_decay: float | None = None,
         checkpoint_dir=None, checkpoint_every: int = 1000, resume: bool = True,
         log_every: int = 10, progress: bool = True, devices=None, max_bad_steps: int = 100,
-        has_aux: bool = False) -> tuple[TrainState, History]:
+        has_aux: bool = False, frozen=None) -> tuple[TrainState, History]:
     """Minimise ``loss_fn`` over ``params`` by stochastic gradient steps on random batches of ``data``.
 
     Step s (0-based) draws ``batch_size`` indices uniformly *with replacement* from [0, N) and the
@@ -432,6 +433,11 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
         max_bad_steps: raise after this many consecutive steps with a non-finite loss or gradient
             norm (such steps are skipped: params, optimizer state and EMA stay unchanged).
         has_aux: ``loss_fn`` returns ``(loss, aux)``.
+        frozen: optional pytree of arrays that the loss needs but that are not trained (geometry,
+            a fixed prior's weights, …). It is then passed as a fourth argument,
+            ``loss_fn(params, batch, key, frozen)``: placed on the device(s) once, not donated,
+            not differentiated, not checkpointed (pass the same one when resuming). Passing large
+            arrays this way instead of closing over them keeps them out of the compiled program.
 
     Returns:
         ``(state, history)``: the final :class:`TrainState` (params on the device(s)) and the
@@ -485,6 +491,10 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
     else:
         where, batch_sharding = jax.sharding.SingleDeviceSharding(devices[0]), None
     out_sharding = where if n_dev > 1 else None
+    if frozen is not None:
+        user_loss, frozen_dev = loss_fn, jax.device_put(frozen, where)
+    else:
+        user_loss, frozen_dev = (lambda p, b, k, f: loss_fn(p, b, k)), None
     # A private copy for every donated tree: device_put may hand back the caller's buffer (even with
     # may_alias=False when replicating onto a mesh), which donation would then delete.
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=where)
@@ -499,7 +509,7 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
     idx0 = np.zeros((batch_size,), np.int32)
     batch0 = jax.eval_shape(lambda d: jax.tree.map(lambda a: a[idx0], d), data_dev)
     try:
-        out = jax.eval_shape(loss_fn, params_dev, batch0, jax.random.fold_in(key, 0))
+        out = jax.eval_shape(user_loss, params_dev, batch0, jax.random.fold_in(key, 0), frozen_dev)
     except Exception as e:
         e.add_note(f"(in geodiff.train.fit: loss_fn(params, batch, key) traced on a batch of shape "
                    f"{jax.tree.map(lambda a: a.shape, batch0)})")
@@ -573,7 +583,7 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
     carry["win"] = jax.device_put(_zero_window(aux_names), where)
     key_dev = jax.device_put(key, where)
 
-    step_fn = _make_step(loss_fn, tx, has_aux=has_aux, ema_decay=ema_decay, batch_size=batch_size,
+    step_fn = _make_step(user_loss, tx, has_aux=has_aux, ema_decay=ema_decay, batch_size=batch_size,
                          n_examples=n_examples, aux_names=aux_names,
                          batch_sharding=batch_sharding, out_sharding=out_sharding)
 
@@ -589,7 +599,7 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
     try:
         t_mark, n_since, last_bar = t_start, 0, start
         for s in range(start + 1, steps + 1):
-            carry = step_fn(carry, data_dev, key_dev)
+            carry = step_fn(carry, data_dev, key_dev, frozen_dev)
             if s == start + 1:
                 jax.block_until_ready(carry)
                 compile_s = time.perf_counter() - t_start

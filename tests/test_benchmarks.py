@@ -79,3 +79,23 @@ def test_prior_step_time_smoke(tmp_path):
     result = load_script("prior_step_time").main(["--smoke", "--json", str(tmp_path / "s.json")])
     assert {r["manifold"] for r in result["rows"]} == {"sphere 46x90", "bunny res3", "grid 32x32"}
     assert all(r["step_s"] > 0 and r["compile_s"] > 0 for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_gaussian_posterior_smoke(tmp_path):
+    script = load_script("gaussian_posterior")
+    result = script.main(["--smoke", "--priors", "mixture", "--out", str(tmp_path / "out"),
+                          "--json", str(tmp_path / "r.json")])
+    on_disk = json.loads((tmp_path / "r.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert {"seed", "data_source", "machine", "versions", "matmul_peak_gflops"} <= set(on_disk["meta"])
+    assert {(r["method"], r["prior_term"]) for r in on_disk["rows"]} == {
+        (m, t) for m in ("APS(1)", "APS(128)") for t in ("exact", "elbo")}
+    for row in on_disk["rows"]:
+        assert ROW_KEYS <= set(row) and row["time_per_sample_s"] > 0
+    for run in on_disk["runs"]:
+        for stage in [run["base"], *run["curve"]]:
+            assert 0 <= stage["rel_err"] < 2 and 0.3 < stage["std_ratio"] < 3
+            assert 0.5 < stage["coverage90"] <= 1 and 0 <= stage["between_modes"] <= 1
+        assert run["steps"] >= 1 and run["flops_128"] > run["flops_1"] > 0
+    assert (tmp_path / "out" / "results.md").stat().st_size > 0

@@ -323,6 +323,31 @@ def test_elbo_bounds_the_mixture(x64):
     assert -3 * se < gap.mean() < 0.02 * 64 + 3 * se, msg
 
 
+
+def test_antithetic_elbo_is_unbiased_and_lowers_the_x_gradient_noise(x64):
+    """Pairs (t, ±ε): the estimator keeps its expectation (closed form), and its x-gradient loses
+    the noise that is linear in ε (all of the ε-noise for an affine score). What remains is the
+    spread over t: measured 0.73× the independent-draw gradient std at n_t = 2."""
+    g = Grid(8, 8)
+    prior = GaussianPrior.matern(g, variance=0.05, length_scale=0.2, mean=0.5, nugget=1e-3,
+                                 n_modes=32)
+    x = prior.sample(jax.random.key(8), 2000)
+    elbo = np.asarray(prior.elbo(jax.random.key(9), x, n_t=16, antithetic=True))
+    noise = elbo - expected_elbo(prior, x)
+    assert abs(noise.mean()) < 3 * noise.std() / np.sqrt(len(noise))
+    with pytest.raises(ValueError, match="even n_t"):
+        prior.elbo(jax.random.key(9), x, n_t=3, antithetic=True)
+
+    def grads(anti, n_t):
+        f = lambda k: jax.grad(lambda z: prior.elbo(k, z, n_t=n_t, antithetic=anti))(x[0])  # noqa: E731
+        return np.stack([np.asarray(f(k)) for k in jax.random.split(jax.random.key(3), 64)])
+
+    plain, anti = grads(False, 2), grads(True, 2)
+    ratio = anti.std(0).mean() / plain.std(0).mean()
+    print(f"x-gradient std, antithetic / independent (n_t = 2): {ratio:.3f}")
+    assert ratio < 0.85
+    np.testing.assert_allclose(anti.mean(0), plain.mean(0), atol=4 * plain.std(0).max() / 8)
+
 # -------------------------------------------------------------------- posterior
 OPERATORS = {
     "mask-latlon": (lambda: Sphere.latlon(6, 8), lambda m: RandomMask(0.6, 0.05), 1),

@@ -290,3 +290,18 @@ def test_data_parallel_matches_one_device():
     out = subprocess.run([sys.executable, "-c", _DATA_PARALLEL], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "DATA-PARALLEL-OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_frozen_arrays_reach_the_loss_untrained(key):
+    """``frozen`` is passed as a fourth argument, used by the loss, and never updated."""
+    def loss(params, batch, k, frozen):
+        return jnp.mean((batch["x"] @ (params["w"] * frozen["scale"]) + params["b"] - batch["y"]) ** 2)
+
+    frozen = {"scale": jnp.asarray([2.0, 2.0, 2.0])}
+    state, _ = fit(key, loss, _p0(), _regression_data(), steps=300, batch_size=16,
+                   learning_rate=0.05, progress=False, frozen=frozen)
+    np.testing.assert_allclose(state.params["w"], W_TRUE / 2, atol=1e-3)
+    np.testing.assert_array_equal(frozen["scale"], [2.0, 2.0, 2.0])
+    with pytest.raises(TypeError):   # a three-argument loss cannot take frozen arrays
+        fit(key, _mse, _p0(), _regression_data(), steps=2, batch_size=4, progress=False,
+            frozen=frozen)

@@ -14,37 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg as spla
 
+from geodiff.amortized.surrogate import gaussian_fit  # noqa: F401  (re-exported)
 from geodiff.manifolds import Manifold
 from geodiff.operators import Denoise, LinearOperator, Measurement, RandomMask
-
-
-def gaussian_fit(samples, *, rank: int = 256, min_nugget: float = 1e-6):
-    """Fit a Gaussian ``N(mean, F Fᵀ + diag(nugget))`` to samples (low rank + diagonal).
-
-    ``F`` holds the top ``rank`` principal directions of the sample covariance, scaled by their
-    standard deviations; ``nugget`` is the per-entry variance the rank-R part leaves out.
-
-    Args:
-        samples: (S, V, C) training signals (no measurement involved).
-        rank: R, at most S − 1.
-        min_nugget: lower bound on the diagonal remainder (keeps the covariance positive definite).
-
-    Returns:
-        mean (V, C), cov_factor (D, R) acting on the row-major flattened (V, C) signal,
-        nugget (V, C).
-    """
-    x = np.asarray(samples, dtype=np.float64)
-    if x.ndim != 3 or len(x) < 2:
-        raise ValueError(f"samples must have shape (S, V, C) with S ≥ 2, got {x.shape}")
-    if not 1 <= rank <= len(x) - 1:
-        raise ValueError(f"rank must be in [1, S − 1 = {len(x) - 1}], got {rank}")
-    mean = x.mean(axis=0)
-    centred = (x - mean).reshape(len(x), -1) / np.sqrt(len(x) - 1)
-    _, s, vt = np.linalg.svd(centred, full_matrices=False)
-    factor = vt[:rank].T * s[:rank]
-    total = (centred**2).sum(axis=0)
-    nugget = np.maximum(total - (factor**2).sum(axis=1), min_nugget).reshape(mean.shape)
-    return mean, factor, nugget
 
 
 def _selection(operator) -> bool:

@@ -77,7 +77,7 @@ class Prior:
         tt = jnp.asarray(t, s.dtype)[..., None, None]
         return (x_t + self.sde.sigma(tt) ** 2 * s) / self.sde.alpha(tt)
 
-    def elbo(self, key, x, *, n_t: int = 1, control_variate: bool = False):
+    def elbo(self, key, x, *, n_t: int = 1, control_variate: bool = False, antithetic: bool = False):
         """The diffusion evidence lower bound b(x) ≤ log p(x) (full bound, nats), shape (...,).
 
         Continuous-time bound of Kingma et al. 2021 (VDM) / Song et al. 2021 with the likelihood
@@ -92,13 +92,18 @@ class Prior:
         weight is the constant Z = log λ₁² − log λ²_{t0}. With ``control_variate`` the term ‖ε‖²
         is replaced by its expectation D (same mean and same x-gradient; off by default because
         it *raises* the variance where ε̂ ≈ ε: measured 2× for unit-variance and 10× for
-        small-variance Gaussians). Differentiable w.r.t. x: gradients flow through the score into x.
+        small-variance Gaussians). With ``antithetic`` the draws come in pairs (t, ε), (t, −ε)
+        (``n_t`` even; n_t/2 strata in t): for a Gaussian prior the score is affine, so the part of
+        the x-gradient that is linear in ε cancels exactly within each pair, which is what makes
+        the bound usable as a training signal for samplers (METHOD.md §9). Differentiable w.r.t.
+        x: gradients flow through the score into x.
 
         Args:
             key: PRNG key.
             x: (..., V, C) signals.
             n_t: (t, ε) draws per signal (≥ 1).
             control_variate: replace ‖ε‖² by D.
+            antithetic: pair every ε with −ε at the same t (n_t must be even).
 
         Returns:
             (...,) lower bound on log p(x) in nats.
@@ -110,10 +115,21 @@ class Prior:
         batch, (V, C) = x.shape[:-2], x.shape[-2:]
         D = V * C
         k_t, k_eps = jax.random.split(key)
-        u = sde.stratified_u(k_t, n_t, batch)                       # (..., n_t)
+        if antithetic:
+            if n_t % 2:
+                raise ValueError(f"antithetic draws need an even n_t, got {n_t}")
+            u = sde.stratified_u(k_t, n_t // 2, batch)
+            u = jnp.concatenate([u, u], axis=-1)                    # (..., n_t): pairs share t
+        else:
+            u = sde.stratified_u(k_t, n_t, batch)                   # (..., n_t)
         t = sde.sample_likelihood_t(u)
         xs = jnp.broadcast_to(x[..., None, :, :], (*batch, n_t, V, C))
-        x_t, eps = sde.perturb(k_eps, xs, t)
+        if antithetic:
+            half = jax.random.normal(k_eps, (*batch, n_t // 2, V, C), x.dtype)
+            eps = jnp.concatenate([half, -half], axis=-3)
+            x_t = sde.alpha(t)[..., None, None] * xs + sde.sigma(t)[..., None, None] * eps
+        else:
+            x_t, eps = sde.perturb(k_eps, xs, t)
         sigma = sde.sigma(t)[..., None, None]
         eps_hat = -sigma * self.score(x_t, t)
         if control_variate:

@@ -1,0 +1,277 @@
+"""The Gaussian surrogate of a prior and the per-measurement Gaussian base of the amortized flow.
+
+METHOD.md §9 found the base distribution decisive: a Gaussian surrogate of the *prior*
+``N(μ, F Fᵀ + diag(d))`` (mean and rank-R + diagonal covariance estimated from prior samples, no
+ground truth), conditioned exactly on each measurement, gives the flow a base
+``x = m₀(y) + L₀(y)·u`` whose mean is the surrogate's Wiener filter and whose scale ``L₀`` is an
+exact square root of the surrogate posterior covariance (log-determinant in closed form).
+
+Two exact solvers, chosen by the operator:
+
+* **selection** (:class:`~geodiff.operators.RandomMask`, :class:`~geodiff.operators.Denoise`):
+  A selects entries, so with ``w = mask/σ²`` the posterior covariance is
+  ``Σ = diag(r)·(I + Z Zᵀ)·diag(r)`` with ``r = √(d/(1+d w))``, ``Z = diag(a) F K^{-1/2}``,
+  ``a = 1/√(d(1+d w))`` and ``K = I + Fᵀ diag(w/(1+d w)) F`` (two Woodbury steps; any
+  ``K^{-1/2}`` with the right ``Z Zᵀ`` will do, and a Cholesky factor is used). The symmetric
+  root ``S = (I + Z Zᵀ)^{1/2} = I + Z Q diag(c) Qᵀ Zᵀ`` comes from the eigenpairs ``(Q, s²)`` of
+  ``ZᵀZ`` (R×R), so each measurement costs O(D R² + R³) once and O(D R) per draw, and stores one
+  R×R matrix.
+* **dense** (:class:`~geodiff.operators.Blur`, :class:`~geodiff.operators.SuperResolution`): A does
+  not change between measurements, so Σ and its Cholesky factor are computed once (D × D; fine up
+  to a few thousand entries) and only m₀ depends on y.
+
+Dimension letters: N measurements, V vertices, C channels, D = V·C, R surrogate rank, Vy measured
+entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from geodiff.operators import Blur, Denoise, LinearOperator, Measurement, RandomMask, SuperResolution
+
+#: Largest D = V·C for the dense solver (a D × D Cholesky factor is kept in memory).
+MAX_DENSE_D = 8192
+
+
+def gaussian_fit(samples, *, rank: int = 256, min_nugget: float = 1e-6):
+    """Fit a Gaussian ``N(mean, F Fᵀ + diag(nugget))`` to samples (low rank + diagonal).
+
+    ``F`` holds the top ``rank`` principal directions of the sample covariance, scaled by their
+    standard deviations; ``nugget`` is the per-entry variance the rank-R part leaves out.
+
+    Args:
+        samples: (S, V, C) training signals (no measurement involved).
+        rank: R, at most S − 1.
+        min_nugget: lower bound on the diagonal remainder (keeps the covariance positive definite).
+
+    Returns:
+        mean (V, C), cov_factor (D, R) acting on the row-major flattened (V, C) signal,
+        nugget (V, C).
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim != 3 or len(x) < 2:
+        raise ValueError(f"samples must have shape (S, V, C) with S ≥ 2, got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("samples contain NaN or infinite values")
+    if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= len(x) - 1:
+        raise ValueError(f"rank must be an integer in [1, S − 1 = {len(x) - 1}], got {rank!r}")
+    mean = x.mean(axis=0)
+    centred = (x - mean).reshape(len(x), -1) / np.sqrt(len(x) - 1)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    factor = vt[:rank].T * s[:rank]
+    total = (centred**2).sum(axis=0)
+    nugget = np.maximum(total - (factor**2).sum(axis=1), min_nugget).reshape(mean.shape)
+    return mean, factor, nugget
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GaussianSurrogate:
+    """A Gaussian ``N(mean, F Fᵀ + diag(nugget))`` standing in for a prior (a pytree).
+
+    Attributes:
+        mean: (V, C) in normalized data units.
+        factor: F, (D, R) on the row-major flattened (V, C) signal.
+        nugget: (V, C) > 0, diagonal remainder (data units²).
+    """
+
+    mean: jax.Array
+    factor: jax.Array
+    nugget: jax.Array
+
+    @classmethod
+    def fit(cls, samples, *, rank: int = 256, min_nugget: float = 1e-6) -> "GaussianSurrogate":
+        """Fit to prior samples (S, V, C) with :func:`gaussian_fit` (rank clipped to S − 1)."""
+        n = len(np.asarray(samples))
+        mean, F, d = gaussian_fit(samples, rank=min(int(rank), max(n - 1, 1)), min_nugget=min_nugget)
+        return cls(jnp.asarray(mean, jnp.float32), jnp.asarray(F, jnp.float32),
+                   jnp.asarray(d, jnp.float32))
+
+    @classmethod
+    def from_prior(cls, key, prior, *, n_samples: int = 2048, rank: int = 256,
+                   batch: int = 256, **sample_kwargs) -> "GaussianSurrogate":
+        """Fit to ``n_samples`` draws of ``prior.sample`` (no ground truth involved).
+
+        ``sample_kwargs`` go to ``prior.sample`` (e.g. ``steps=`` for a :class:`DiffusionPrior`,
+        whose 1000-step sampler makes thousands of draws slow on a CPU: there a surrogate fitted
+        to the prior's own training set is a cheaper stand-in, see :meth:`fit`).
+        """
+        if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
+            raise ValueError(f"n_samples must be an integer ≥ 2, got {n_samples!r}")
+        draws = []
+        for i, k in enumerate(jax.random.split(key, -(-n_samples // batch))):
+            m = min(batch, n_samples - i * batch)
+            draws.append(np.asarray(prior.sample(k, m, **sample_kwargs)))
+        return cls.fit(np.concatenate(draws), rank=rank)
+
+    @property
+    def rank(self) -> int:
+        return int(self.factor.shape[1])
+
+    @property
+    def marginal_std(self):
+        """(V, C) prior standard deviation per entry."""
+        return jnp.sqrt(jnp.sum(self.factor**2, axis=1).reshape(self.mean.shape) + self.nugget)
+
+
+def solver_kind(operator) -> str:
+    """'selection' or 'dense': which exact surrogate-posterior solver ``operator`` needs."""
+    if isinstance(operator, (Denoise, RandomMask)):
+        return "selection"
+    if isinstance(operator, (Blur, SuperResolution)):
+        return "dense"
+    raise TypeError(f"operator: the Gaussian-surrogate base supports RandomMask, Denoise, Blur and "
+                    f"SuperResolution, got {type(operator).__name__}")
+
+
+# ----------------------------------------------------------------------- selection operators
+@functools.partial(jax.jit, static_argnames=("sigma",))
+def _selection_one(sur: GaussianSurrogate, y, mask, *, sigma: float):
+    """Per-measurement base of a selection operator. y (V, C), mask (V, 1)."""
+    V, C = sur.mean.shape
+    F, d = sur.factor, sur.nugget.reshape(-1)
+    R = F.shape[1]
+    w = jnp.broadcast_to(mask, (V, C)).reshape(-1).astype(F.dtype) / sigma**2
+    r = jnp.sqrt(d / (1 + d * w))
+    a = r / d
+    K = jnp.eye(R, dtype=F.dtype) + F.T @ ((w / (1 + d * w))[:, None] * F)
+    # Z = diag(a) F Lk⁻ᵀ with K = Lk Lkᵀ has the same Z Zᵀ as diag(a) F K^{-1/2}; one Cholesky
+    # and one R×R eigensolver per measurement.
+    lk = jnp.linalg.cholesky(K)
+    Fa = a[:, None] * F
+    tmp = jax.scipy.linalg.solve_triangular(lk, Fa.T @ Fa, lower=True)
+    Mz = jax.scipy.linalg.solve_triangular(lk, tmp.T, lower=True)         # ZᵀZ = Lk⁻¹ G Lk⁻ᵀ
+    s2, q = jnp.linalg.eigh(0.5 * (Mz + Mz.T))
+    s2 = jnp.maximum(s2, 0.0)
+    W = jax.scipy.linalg.solve_triangular(lk.T, q, lower=False)           # Z Q = diag(a) F W
+    base = {"r": r, "a": a, "W": W, "s2": s2,
+            "logdet": jnp.sum(jnp.log(r)) + 0.5 * jnp.sum(jnp.log1p(s2))}
+    # m0 = μ + Σ w (y − μ) with Σ v = L Lᵀ v
+    resid = (w * (y - jnp.where(mask, sur.mean, 0.0)).reshape(-1))
+    m0 = sur.mean.reshape(-1) + _sel_apply(F, base, _sel_apply_t(F, base, resid))
+    return {**base, "m0": m0.reshape(V, C)}
+
+
+def _sel_sym(F, b, v, inverse: bool):
+    """S v (or S⁻¹ v) with S = (I + Z Zᵀ)^{±1/2}; v (..., D)."""
+    root = jnp.sqrt(1 + b["s2"])
+    c = -1 / (root * (1 + root)) if inverse else 1 / (1 + root)
+    av = b["a"] * v
+    coef = jnp.einsum("...d,dr->...r", av, F)
+    coef = jnp.einsum("...r,rk->...k", coef, b["W"]) * c
+    coef = jnp.einsum("...k,rk->...r", coef, b["W"])
+    return v + b["a"] * jnp.einsum("...r,dr->...d", coef, F)
+
+
+def _sel_apply(F, b, u):
+    """L u = diag(r) S u."""
+    return b["r"] * _sel_sym(F, b, u, False)
+
+
+def _sel_apply_t(F, b, v):
+    """Lᵀ v = S diag(r) v."""
+    return _sel_sym(F, b, b["r"] * v, False)
+
+
+def _sel_solve(F, b, x):
+    """L⁻¹ x = S⁻¹ (x / r)."""
+    return _sel_sym(F, b, x / b["r"], True)
+
+
+# --------------------------------------------------------------------------- dense operators
+def _operator_matrix(operator: LinearOperator, measurement: Measurement, V: int, C: int):
+    """A as a dense (Vy·C, V·C) matrix for one (unbatched) measurement."""
+    D = V * C
+    eye = jnp.eye(D, dtype=jnp.float32).reshape(D, V, C)
+    cols = jax.vmap(lambda e: operator.forward(e, measurement))(eye)       # (D, Vy, C)
+    return cols.reshape(D, -1).T
+
+
+def dense_posterior(operator: LinearOperator, measurement: Measurement, sur: GaussianSurrogate):
+    """Shared factors of the dense solver: ``(chol, prec_chol, gain, logdet)`` with
+    Σ = (C⁻¹ + AᵀA/σ²)⁻¹ = chol cholᵀ (D, D), Σ⁻¹ = prec_chol prec_cholᵀ (so chol⁻¹ =
+    prec_cholᵀ), m₀ = μ + gain (y − A μ) with gain (D, Dy), logdet = log|det chol|.
+
+    Computed in float64 with NumPy from the first measurement (A is the same for all of them).
+    """
+    V, C = sur.mean.shape
+    D = V * C
+    if D > MAX_DENSE_D:
+        raise ValueError(f"the dense surrogate solver needs D = V·C ≤ {MAX_DENSE_D}, got {D}")
+    if operator.sigma <= 0:
+        raise ValueError("operator.sigma must be > 0 for the amortized sampler's Gaussian base")
+    m1 = jax.tree.map(lambda a: a.reshape(-1, *a.shape[-2:])[0] if a.ndim >= 2 else a, measurement)
+    A = np.asarray(_operator_matrix(operator, m1, V, C), np.float64)
+    F = np.asarray(sur.factor, np.float64)
+    cov = F @ F.T + np.diag(np.asarray(sur.nugget, np.float64).reshape(-1))
+    prec = np.linalg.inv(cov)
+    prec = 0.5 * (prec + prec.T) + A.T @ A / operator.sigma**2
+    lp = np.linalg.cholesky(prec)                                          # P = lp lpᵀ
+    chol = np.linalg.inv(lp).T                                             # Σ = chol cholᵀ
+    sigma_post = chol @ chol.T
+    gain = sigma_post @ A.T / operator.sigma**2
+    logdet = -float(np.sum(np.log(np.diag(lp))))
+    return (jnp.asarray(chol, jnp.float32), jnp.asarray(lp, jnp.float32),
+            jnp.asarray(gain, jnp.float32), jnp.asarray(logdet, jnp.float32))
+
+
+# --------------------------------------------------------------------------------- interface
+def base_params(operator: LinearOperator, measurements: Measurement, sur: GaussianSurrogate, *,
+                shared=None, chunk: int = 64):
+    """Per-measurement base parameters for a batch of measurements (leading axis N).
+
+    Args:
+        operator: the measurement operator (σ > 0).
+        measurements: a :class:`Measurement` with batch shape (N,).
+        sur: the prior's Gaussian surrogate.
+        shared: for the dense solver, the output of :func:`dense_posterior` (computed if None).
+        chunk: measurements per vectorized call (bounds memory).
+
+    Returns:
+        dict of (N, ...) arrays; always ``m0`` (N, V, C).
+    """
+    if operator.sigma <= 0:
+        raise ValueError("operator.sigma must be > 0 for the amortized sampler's Gaussian base "
+                         "(a noiseless measurement pins entries exactly; use a small sigma)")
+    kind = solver_kind(operator)
+    V, C = sur.mean.shape
+    N = measurements.batch_shape[0]
+    if kind == "dense":
+        _, _, gain, _ = dense_posterior(operator, measurements, sur) if shared is None else shared
+        resid = measurements.y - operator.forward(jnp.broadcast_to(sur.mean, (N, V, C)), measurements)
+        m0 = sur.mean + (resid.reshape(N, -1) @ gain.T).reshape(N, V, C)
+        return {"m0": m0}
+    # lax.map runs the chunks one after another: independent chunks dispatched side by side were
+    # seen to deadlock inside XLA's CPU eigensolver.
+    one = functools.partial(_selection_one, sur, sigma=float(operator.sigma))
+    return jax.lax.map(lambda ym: one(*ym), (measurements.y, measurements.mask),
+                       batch_size=min(chunk, N))
+
+
+def base_forward(kind: str, sur: GaussianSurrogate, shared, b: dict, u):
+    """x = m₀ + L₀ u and log|det L₀|. u (B, V, C), b the base params of the B measurements."""
+    B, V, C = u.shape
+    if kind == "dense":
+        chol, _, _, logdet = shared
+        x = b["m0"] + (u.reshape(B, -1) @ chol.T).reshape(B, V, C)
+        return x, jnp.broadcast_to(logdet, (B,))
+    x = b["m0"] + jax.vmap(functools.partial(_sel_apply, sur.factor))(b, u.reshape(B, -1)).reshape(B, V, C)
+    return x, b["logdet"]
+
+
+def base_inverse(kind: str, sur: GaussianSurrogate, shared, b: dict, x):
+    """u = L₀⁻¹ (x − m₀) and log|det L₀|. x (B, V, C)."""
+    B, V, C = x.shape
+    v = (x - b["m0"]).reshape(B, -1)
+    if kind == "dense":
+        _, prec_chol, _, logdet = shared
+        u = v @ prec_chol
+        return u.reshape(B, V, C), jnp.broadcast_to(logdet, (B,))
+    u = jax.vmap(functools.partial(_sel_solve, sur.factor))(b, v)
+    return u.reshape(B, V, C), b["logdet"]
