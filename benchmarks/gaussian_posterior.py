@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geodiff import AmortizedSampler, GaussianMixturePrior, GaussianPrior, Sphere
+from geodiff import VPSDE, AmortizedSampler, GaussianMixturePrior, GaussianPrior, Sphere
 from geodiff.amortized import GaussianSurrogate
 from geodiff.metrics import coverage
 from geodiff.operators import RandomMask
@@ -70,7 +70,9 @@ class Config:
     n_eig: int = 64
     batch_size: int = 64
     learning_rate: float = 3e-4
+    ema_decay: float | None = None   # parameter EMA used for evaluation (None: last iterate)
     n_t: int = 4                     # ELBO draws per sample
+    t0: float = 1e-3                 # the priors' VPSDE t0 (the ELBO's decoder noise λ²(t0) ≈ 0.1·t0)
     minutes: float = 30.0            # training budget per run (wall, compile included)
     stages: int = 6                  # evaluations during training
     max_steps: int = 50000
@@ -87,14 +89,15 @@ SMOKE = dict(nlat=8, nlon=16, n_modes=48, n_train=64, n_test=6, surrogate_sample
 
 
 def make_prior(kind: str, sphere: Sphere, cfg: Config):
+    sde = VPSDE(t0=cfg.t0)
     base = GaussianPrior.matern(sphere, variance=cfg.variance, length_scale=cfg.length_scale,
-                                mean=0.5, n_modes=min(cfg.n_modes, sphere.max_eigenpairs))
+                                mean=0.5, n_modes=min(cfg.n_modes, sphere.max_eigenpairs), sde=sde)
     if kind == "gaussian":
         return base
     # the two means differ by ±delta along a smooth pattern: the l = 1 zonal mode (north–south)
     lat = np.asarray(sphere.points)[:, 2:3]
     comps = [GaussianPrior(sphere, 0.5 + s * cfg.delta * lat, base.basis, base.variances,
-                           float(base.nugget)) for s in (-1.0, 1.0)]
+                           float(base.nugget), sde=sde) for s in (-1.0, 1.0)]
     return GaussianMixturePrior(comps, [0.5, 0.5])
 
 
@@ -189,7 +192,8 @@ def run_one(kind: str, term: str, cfg: Config, sphere, op, train_m, test_m, test
         t = time.perf_counter()
         trained, hist = sampler.fit(jax.random.key(cfg.seed + 3), train_m, steps=target,
                                     batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                                    checkpoint_dir=ckpt, checkpoint_every=10**9, progress=False)
+                                    ema_decay=cfg.ema_decay, checkpoint_dir=ckpt,
+                                    checkpoint_every=10**9, progress=False)
         train_s += time.perf_counter() - t
         steps = target
         step_s = hist["step_s"] if math.isfinite(hist["step_s"]) else train_s / steps
@@ -300,18 +304,22 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny, for the tests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, help="training budget per run (minutes)")
+    p.add_argument("--stages", type=int, help="evaluations during each training run")
     p.add_argument("--priors", nargs="+", choices=("gaussian", "mixture"))
     p.add_argument("--prior-terms", nargs="+", choices=("exact", "elbo"))
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--n-t", type=int)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--t0", type=float, help="the priors' VPSDE t0")
     p.add_argument("--out", type=Path, default=Path("outputs/gaussian_posterior"))
     p.add_argument("--json", type=Path, help="also write the results JSON here")
     args = p.parse_args(argv)
     over = SMOKE if args.smoke else QUICK if args.quick else {}
     cfg = dataclasses.replace(Config(), seed=args.seed, **over)
-    for name, val in (("minutes", args.minutes), ("priors", args.priors),
+    for name, val in (("minutes", args.minutes), ("stages", args.stages), ("priors", args.priors),
                       ("prior_terms", args.prior_terms), ("learning_rate", args.learning_rate),
-                      ("n_t", args.n_t)):
+                      ("n_t", args.n_t), ("ema_decay", args.ema_decay),
+                      ("t0", args.t0)):
         if val is not None:
             cfg = dataclasses.replace(cfg, **{name: tuple(val) if isinstance(val, list) else val})
     result = run(cfg, args.out)

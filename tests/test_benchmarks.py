@@ -33,7 +33,7 @@ def test_era5_imputation_smoke(tmp_path, monkeypatch):
     assert {"seed", "data_source", "machine", "versions"} <= set(on_disk["meta"])
     assert "ERA5-like (GloSea4-anchored)" in on_disk["meta"]["data_source"]
     methods = {r["method"] for r in on_disk["rows"]}
-    assert methods == {"Kriging", "Harmonic", "DPS"}
+    assert methods == {"Kriging", "Harmonic", "DPS", "APS(1)", "APS(128)"}
     for row in on_disk["rows"]:
         assert ROW_KEYS <= set(row)
         assert row["time_per_sample_s"] > 0 and 0 < row["ssim"] <= 1
@@ -43,6 +43,9 @@ def test_era5_imputation_smoke(tmp_path, monkeypatch):
     by = {r["method"]: r for r in on_disk["rows"]}
     # a Gaussian fitted to (even 200) ERA5-like fields beats Laplacian interpolation on real fields
     assert by["Kriging"]["psnr"] > by["Harmonic"]["psnr"]
+    aps = by["APS(128)"]
+    assert 0 <= aps["coverage90"] <= 1 and aps["training_s"] > 0 and 10 < aps["psnr"] < 60
+    assert by["APS(1)"]["time_per_sample_s"] > 0 and by["APS(1)"]["coverage90"] is None
     for name in ["results.json", "results.md", "globe.png"]:
         assert (tmp_path / "out" / name).stat().st_size > 0
 

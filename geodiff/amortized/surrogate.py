@@ -247,11 +247,17 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
         resid = measurements.y - operator.forward(jnp.broadcast_to(sur.mean, (N, V, C)), measurements)
         m0 = sur.mean + (resid.reshape(N, -1) @ gain.T).reshape(N, V, C)
         return {"m0": m0}
-    # lax.map runs the chunks one after another: independent chunks dispatched side by side were
-    # seen to deadlock inside XLA's CPU eigensolver.
-    one = functools.partial(_selection_one, sur, sigma=float(operator.sigma))
-    return jax.lax.map(lambda ym: one(*ym), (measurements.y, measurements.mask),
-                       batch_size=min(chunk, N))
+    # One sequential loop over equal chunks (N padded to a multiple of the chunk): independent
+    # batched LAPACK calls dispatched side by side (a Python loop of chunks, or lax.map's
+    # remainder next to its loop) were seen to deadlock XLA's CPU runtime.
+    chunk = min(chunk, N)
+    n_pad = -(-N // chunk) * chunk
+    pad = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (n_pad - N, *a.shape[1:]))])  # noqa: E731
+    ys = pad(measurements.y).reshape(n_pad // chunk, chunk, V, -1)
+    masks = pad(measurements.mask).reshape(n_pad // chunk, chunk, V, 1)
+    one = jax.vmap(functools.partial(_selection_one, sur, sigma=float(operator.sigma)))
+    out = jax.lax.map(lambda ym: one(*ym), (ys, masks))
+    return jax.tree.map(lambda a: a.reshape(n_pad, *a.shape[2:])[:N], out)
 
 
 def base_forward(kind: str, sur: GaussianSurrogate, shared, b: dict, u):

@@ -1,8 +1,8 @@
 """Baselines for the comparison tables: classical estimators (kriging, harmonic interpolation) and
-diffusion posterior samplers (DPS, MCG, Noise2Score). The per-measurement flow (FlowPerY) comes
-with the flows."""
+diffusion posterior samplers (DPS, MCG, Noise2Score), and the per-measurement flow (FlowPerY)."""
 
 from geodiff.baselines.classical import gaussian_fit, harmonic, kriging
 from geodiff.baselines.diffusion import dps, mcg, noise2score, tune_zeta
+from geodiff.baselines.flow import flow_per_y
 
-__all__ = ["dps", "gaussian_fit", "harmonic", "kriging", "mcg", "noise2score", "tune_zeta"]
+__all__ = ["dps", "flow_per_y", "gaussian_fit", "harmonic", "kriging", "mcg", "noise2score", "tune_zeta"]
