@@ -162,7 +162,7 @@ def run_one(kind: str, term: str, cfg: Config, sphere, op, train_m, test_m, test
             workdir: Path) -> dict:
     prior = make_prior(kind, sphere, cfg)
     t0 = time.perf_counter()
-    mean_x, std_x = prior.posterior(op, test_m)
+    mean_x, std_x = jax.block_until_ready(prior.posterior(op, test_m))
     ex = prior.posterior_sample(jax.random.key(cfg.seed + 7), op, test_m, cfg.n_samples)
     w = jnp.asarray(sphere.mass)[:, None]
     mu = jnp.asarray(prior.mean if kind == "gaussian"

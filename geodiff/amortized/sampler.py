@@ -306,7 +306,7 @@ class AmortizedSampler:
             m, b, c = cache[1:]
         else:
             m = jax.tree.map(jnp.asarray, measurements)
-            b = jax.jit(self._base)(frozen, m)
+            b = jax.block_until_ready(jax.jit(self._base)(frozen, m))
             c = jax.jit(self._features)(frozen["sur"], m, b)
             jax.block_until_ready(c)
             self._train_cache = (measurements, m, b, c)
@@ -354,7 +354,8 @@ class AmortizedSampler:
         n = _check_int(n, "n")
         batch = self.check_measurement(measurement)
         m = jax.tree.map(lambda a: jnp.asarray(a)[None] if not batch else jnp.asarray(a), measurement)
-        x = self._jit_sample(self.params, self._frozen(), m, key, n=n)
+        # returned ready: concurrent LAPACK programs can deadlock XLA's CPU runtime
+        x = jax.block_until_ready(self._jit_sample(self.params, self._frozen(), m, key, n=n))
         return x[:, 0] if not batch else x
 
     def _log_prob_impl(self, params, frozen, m: Measurement, x):
@@ -389,7 +390,7 @@ class AmortizedSampler:
         lead = x.shape[:x.ndim - 2 - nb]
         m = jax.tree.map(lambda a: jnp.asarray(a)[None] if not batch else jnp.asarray(a), measurement)
         xs = x.reshape(math.prod(lead), max(1, math.prod(batch)), *x.shape[-2:])
-        out = self._jit_log_prob(self.params, self._frozen(), m, xs)
+        out = jax.block_until_ready(self._jit_log_prob(self.params, self._frozen(), m, xs))
         return out.reshape(*lead, *batch)
 
     def posterior(self, key, measurement: Measurement, n: int = 128):

@@ -434,7 +434,9 @@ class GaussianPrior(Prior):
         else:
             flat = Measurement(y=y, mask=flat.mask, params=flat.params)
             out = _dense_kernel(operator, mu, U, d, nu, flat, xs, ns)
-        mean, std, logev, samples = out
+        # LAPACK-heavy programs are not left running side by side: XLA's CPU runtime was seen to
+        # deadlock on concurrent Cholesky/eigh work (docs/amortized.md, "A deadlock").
+        mean, std, logev, samples = jax.block_until_ready(out)
         return (mean.reshape(*batch, V, C), std.reshape(*batch, V, C), logev.reshape(batch),
                 samples.reshape(n, *batch, V, C))
 
