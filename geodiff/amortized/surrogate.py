@@ -131,8 +131,20 @@ def solver_kind(operator) -> str:
 
 
 # ----------------------------------------------------------------------- selection operators
+def selection_gram(sur: GaussianSurrogate):
+    """Fᵀ diag(1/d) F (R, R): computed once per surrogate, it saves one O(D R²) product per
+    measurement (ZᵀZ's middle factor is this minus K − I)."""
+    F = sur.factor
+    if isinstance(F, jax.core.Tracer):
+        return F.T @ (F / sur.nugget.reshape(-1)[:, None])
+    # float64 on the host: G = gram − (K − I) cancels part of it per measurement
+    F64 = np.asarray(F, np.float64)
+    gram = F64.T @ (F64 / np.asarray(sur.nugget, np.float64).reshape(-1)[:, None])
+    return jnp.asarray(gram, jnp.result_type(F.dtype, float))
+
+
 @functools.partial(jax.jit, static_argnames=("sigma",))
-def _selection_one(sur: GaussianSurrogate, y, mask, *, sigma: float):
+def _selection_one(sur: GaussianSurrogate, gram, y, mask, *, sigma: float):
     """Per-measurement base of a selection operator. y (V, C), mask (V, 1)."""
     V, C = sur.mean.shape
     F, d = sur.factor, sur.nugget.reshape(-1)
@@ -144,8 +156,8 @@ def _selection_one(sur: GaussianSurrogate, y, mask, *, sigma: float):
     # Z = diag(a) F Lk⁻ᵀ with K = Lk Lkᵀ has the same Z Zᵀ as diag(a) F K^{-1/2}; one Cholesky
     # and one R×R eigensolver per measurement.
     lk = jnp.linalg.cholesky(K)
-    Fa = a[:, None] * F
-    tmp = jax.scipy.linalg.solve_triangular(lk, Fa.T @ Fa, lower=True)
+    G = gram - (K - jnp.eye(R, dtype=F.dtype))                           # Fᵀ diag(a²) F
+    tmp = jax.scipy.linalg.solve_triangular(lk, 0.5 * (G + G.T), lower=True)
     Mz = jax.scipy.linalg.solve_triangular(lk, tmp.T, lower=True)         # ZᵀZ = Lk⁻¹ G Lk⁻ᵀ
     s2, q = jnp.linalg.eigh(0.5 * (Mz + Mz.T))
     s2 = jnp.maximum(s2, 0.0)
@@ -230,7 +242,8 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
         operator: the measurement operator (σ > 0).
         measurements: a :class:`Measurement` with batch shape (N,).
         sur: the prior's Gaussian surrogate.
-        shared: for the dense solver, the output of :func:`dense_posterior` (computed if None).
+        shared: for the dense solver, the output of :func:`dense_posterior`; for the selection
+            solver, :func:`selection_gram` (computed if None).
         chunk: measurements per vectorized call (bounds memory).
 
     Returns:
@@ -255,7 +268,8 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
     pad = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (n_pad - N, *a.shape[1:]))])  # noqa: E731
     ys = pad(measurements.y).reshape(n_pad // chunk, chunk, V, -1)
     masks = pad(measurements.mask).reshape(n_pad // chunk, chunk, V, 1)
-    one = jax.vmap(functools.partial(_selection_one, sur, sigma=float(operator.sigma)))
+    gram = selection_gram(sur) if shared is None else shared
+    one = jax.vmap(functools.partial(_selection_one, sur, gram, sigma=float(operator.sigma)))
     out = jax.lax.map(lambda ym: one(*ym), (ys, masks))
     return jax.tree.map(lambda a: a.reshape(n_pad, *a.shape[2:])[:N], out)
 
