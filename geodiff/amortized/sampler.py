@@ -280,7 +280,9 @@ class AmortizedSampler:
             ema_decay: float | None = None, checkpoint_dir=None, checkpoint_every: int = 500,
             resume: bool = True, log_every: int = 10, progress: bool = True, devices=None,
             max_bad_steps: int = 100) -> tuple["AmortizedSampler", dict]:
-        """Train the flow on measurements only (no ground truth); the receiver is not changed.
+        """Train the flow on measurements only (no ground truth). The receiver keeps its parameters;
+        it only caches the bases of ``measurements``, so a staged or resumed fit on the same object
+        does not solve them again.
 
         Args:
             key: PRNG key.
