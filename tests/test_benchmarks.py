@@ -23,31 +23,104 @@ def load_script(name):
     return module
 
 
-@pytest.mark.slow
-def test_era5_imputation_smoke(tmp_path, monkeypatch):
-    monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path / "cache"))
-    script = load_script("era5_imputation")
-    result = script.main(["--smoke", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")])
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+    """One cache for the comparison smoke runs, so each smoke prior is trained once."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+def run_smoke(name, tmp_path, monkeypatch, cache, *extra):
+    monkeypatch.setenv("GEODIFF_CACHE", str(cache))
+    script = load_script(name)
+    result = script.main(["--smoke", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"),
+                          "--save-sampler", str(tmp_path / "sampler.npz"), *extra])
     on_disk = json.loads((tmp_path / "r.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
-    assert {"seed", "data_source", "machine", "versions"} <= set(on_disk["meta"])
-    assert "ERA5-like (GloSea4-anchored)" in on_disk["meta"]["data_source"]
-    methods = {r["method"] for r in on_disk["rows"]}
-    assert methods == {"Kriging", "Harmonic", "DPS", "APS(1)", "APS(128)"}
+    assert {"seed", "data_source", "machine", "versions", "config"} <= set(on_disk["meta"])
     for row in on_disk["rows"]:
-        assert ROW_KEYS <= set(row)
-        assert row["time_per_sample_s"] > 0 and 0 < row["ssim"] <= 1
-    for row in on_disk["rows"][:2]:
-        assert 10 < row["psnr"] < 60
-    assert set(on_disk["meta"]["dps"]["zeta_psnr_on_validation"]) == {"0.1", "0.3"}
+        assert ROW_KEYS <= set(row), row["method"]
+        assert row["time_per_sample_s"] > 0 and 5 < row["psnr"] < 60 and row["mse"] > 0
+        if row["method"] in ("APS(128)", "FlowPerY"):
+            assert 0 <= row["coverage90"] <= 1
+        else:
+            assert row["coverage90"] is None
+        if row["method"].startswith("APS"):
+            assert row["training_s"] > 0
+    assert (tmp_path / "out" / "results.md").read_text().count("| APS(128) |") >= 1
+    return on_disk
+
+
+def methods_by_task(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r["task"], set()).add(r["method"])
+    return out
+
+
+@pytest.mark.slow
+def test_era5_imputation_smoke(tmp_path, monkeypatch, bench_cache):
+    from geodiff import AmortizedSampler
+
+    on_disk = run_smoke("era5_imputation", tmp_path, monkeypatch, bench_cache)
+    assert "ERA5-like (GloSea4-anchored)" in on_disk["meta"]["data_source"]
+    assert methods_by_task(on_disk["rows"]) == {
+        "ERA5-like imputation 60%, σ=0.05": {"Kriging", "Harmonic", "DPS", "MCG", "APS(1)", "APS(128)",
+                                             "FlowPerY"}}
     by = {r["method"]: r for r in on_disk["rows"]}
+    assert set(by["DPS"]["zeta_scores_on_validation"]) == {"0.1", "0.3"} and by["DPS"]["nfe"] == 10
     # a Gaussian fitted to (even 200) ERA5-like fields beats Laplacian interpolation on real fields
     assert by["Kriging"]["psnr"] > by["Harmonic"]["psnr"]
-    aps = by["APS(128)"]
-    assert 0 <= aps["coverage90"] <= 1 and aps["training_s"] > 0 and 10 < aps["psnr"] < 60
-    assert by["APS(1)"]["time_per_sample_s"] > 0 and by["APS(1)"]["coverage90"] is None
+    assert by["APS(1)"]["break_even_n"] is None or by["APS(1)"]["break_even_n"] > 0
+    assert by["FlowPerY"]["n_eval"] == 1 and by["APS(128)"]["n_eval"] == 2
+    assert all(r["rmse_K"] > 0 for r in on_disk["rows"])
     for name in ["results.json", "results.md", "globe.png"]:
         assert (tmp_path / "out" / name).stat().st_size > 0
+    sampler = AmortizedSampler.load(tmp_path / "sampler.npz")
+    assert sampler.manifold.n_vertices == 4140
+
+
+@pytest.mark.slow
+def test_bunny_mnist_inpainting_smoke(tmp_path, monkeypatch, bench_cache):
+    from geodiff import AmortizedSampler
+
+    on_disk = run_smoke("bunny_mnist_inpainting", tmp_path, monkeypatch, bench_cache)
+    assert "MNIST on Stanford bunny res3" in on_disk["meta"]["data_source"]
+    assert methods_by_task(on_disk["rows"]) == {
+        "bunny inpaint 30%, σ=0.1": {"Kriging", "Harmonic", "DPS", "MCG", "APS(1)", "APS(128)", "FlowPerY"}}
+    assert all(r["ssim"] is None for r in on_disk["rows"])     # no 2-D layout on a mesh: MSE only
+    assert (tmp_path / "out" / "bunny.png").stat().st_size > 0
+    assert AmortizedSampler.load(tmp_path / "sampler.npz").manifold.n_vertices == 1887
+
+
+@pytest.mark.slow
+def test_image_inverse_smoke(tmp_path, monkeypatch, bench_cache):
+    on_disk = run_smoke("image_inverse", tmp_path, monkeypatch, bench_cache)
+    assert "MNIST 32×32 standing in for CelebA" in on_disk["meta"]["data_source"]
+    common = {"Kriging", "DPS", "APS(1)", "APS(128)", "FlowPerY"}
+    assert methods_by_task(on_disk["rows"]) == {"grid denoise σ=0.1": common | {"Noise2Score"},
+                                                "grid deblur 1 px, σ=0.05": common,
+                                                "grid SR×2, σ=0.05": common}
+    assert all(0 < r["ssim"] <= 1 for r in on_disk["rows"])
+    for task in ("denoise", "deblur", "sr2"):
+        assert (tmp_path / f"sampler-{task}.npz").exists()
+    assert len(list((tmp_path / "out").glob("grid-*.png"))) == 3
+
+
+@pytest.mark.slow
+def test_generalization_smoke(tmp_path, monkeypatch, bench_cache):
+    on_disk = run_smoke("generalization", tmp_path, monkeypatch, bench_cache)
+    tasks = methods_by_task(on_disk["rows"])
+    assert len(tasks) == 7
+    digits = [t for t in tasks if t.startswith("denoise")]
+    blind = [t for t in tasks if t.startswith("blind")]
+    assert len(digits) == 3 and len(blind) == 4
+    assert all(tasks[t] == {"APS(1)", "APS(128)", "Noise2Score", "Kriging"} for t in digits)
+    assert all(tasks[t] == {"APS(1)", "APS(128)", "Kriging", "Harmonic"} for t in blind)
+    levels = sorted({r["mask_ratio"] for r in on_disk["rows"] if "mask_ratio" in r})
+    assert levels == [0.3, 0.45, 0.6]
+    for name in ("digits.png", "blind.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert (tmp_path / "sampler-denoise.npz").exists() and (tmp_path / "sampler-blind.npz").exists()
 
 
 def test_geometry_build_smoke(tmp_path):

@@ -7,7 +7,7 @@ from PIL import Image
 
 from geodiff.data import images
 from geodiff.data.bunny_mnist import bunny_mnist, project_image
-from geodiff.data.images import (load_celeba, mnist32, mnist32_labels, mnist_digits,
+from geodiff.data.images import (digits32, load_celeba, mnist32, mnist32_labels, mnist_digits,
                                  mnist_split_indices)
 from geodiff.manifolds import Grid, Mesh
 
@@ -26,6 +26,33 @@ def test_mnist_digits_shapes_ranges_balance():
     np.testing.assert_array_equal(np.bincount(y, minlength=10), np.full(10, 500))
     x[0] = -1.0  # callers get copies: the in-memory table is not changed
     assert mnist_digits()[0].min() == 0.0
+
+
+def test_digits32_second_dataset_layout_and_placement():
+    x, y = digits32()
+    assert x.shape == (1797, 1024, 1) and x.dtype == np.float32 and y.shape == (1797,)
+    assert x.min() == 0.0 and 0.9 <= x.max() <= 1.0
+    assert np.bincount(y, minlength=10).min() >= 170          # about 180 of each digit
+    img = Grid(32, 32).to_layout(x)[..., 0]                   # (N, 32, 32)
+    border = np.ones((32, 32), bool)
+    border[6:26, 6:26] = False
+    assert np.all(img[:, border] == 0)                       # the 20×20 box where MNIST's digits sit
+    # the upsampling keeps the 8×8 scan: block means of the 20×20 box track the original pixels
+    import gzip
+    with gzip.open(images._digits_file(), "rt") as f:
+        first = np.array(f.readline().split(","), dtype=float)[:64].reshape(8, 8) / 16
+    box = img[0, 6:26, 6:26]
+    assert abs(box.mean() - first.mean()) < 0.02
+    centres = np.round(2.5 * np.arange(8) + 0.75).astype(int)   # where each 8×8 pixel's centre lands
+    assert np.corrcoef(box[np.ix_(centres, centres)].ravel(), first.ravel())[0, 1] > 0.9
+    x[0] = -1.0
+    assert digits32()[0].min() == 0.0
+
+
+def test_digits32_missing_package_names_pip_install(monkeypatch):
+    monkeypatch.setattr(images, "_find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install scikit-learn"):
+        images._digits_file()
 
 
 def test_mnist_missing_package_names_pip_install(monkeypatch):

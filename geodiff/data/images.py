@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_celeba", "mnist32", "mnist32_labels", "mnist_digits", "mnist_split_indices"]
+__all__ = ["digits32", "load_celeba", "mnist32", "mnist32_labels", "mnist_digits", "mnist_split_indices"]
 
 #: Images per digit in each split of the 5000-digit MNIST subset (500 per digit in all).
 _PER_DIGIT = {"train": 400, "test": 100}
@@ -169,6 +169,64 @@ def mnist32_labels(split: str = "train", *, seed: int = 0) -> np.ndarray:
     """
     _, labels = _mnist_cached()
     return labels[mnist_split_indices(split, seed=seed)].copy()
+
+
+# ------------------------------------------------------------- UCI digits (second data set)
+def _digits_file() -> Path:
+    """Path of ``sklearn/datasets/data/digits.csv.gz`` (found without importing scikit-learn)."""
+    spec = _find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "The UCI digits come from the 'scikit-learn' package, which is not installed: "
+            "pip install scikit-learn")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed scikit-learn; reinstall it "
+                                "with: pip install --force-reinstall scikit-learn")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_cached() -> tuple[np.ndarray, np.ndarray]:
+    from scipy.ndimage import zoom
+
+    path = _digits_file()
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 65:
+        raise ValueError(f"{path}: expected rows of 64 pixels + 1 label, got shape {table.shape}")
+    pixels, labels = table[:, :64], table[:, 64]
+    if pixels.min() < 0 or pixels.max() > 16 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: pixels must be in [0, 16] and labels in [0, 9]")
+    small = pixels.reshape(-1, 8, 8) / 16.0
+    big = np.clip(zoom(small, (1, 2.5, 2.5), order=1, grid_mode=True, mode="grid-constant"), 0, 1)
+    images = np.zeros((len(small), 32, 32), np.float32)
+    images[:, 6:26, 6:26] = big
+    images = images.reshape(len(small), 32 * 32, 1)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def digits32() -> tuple[np.ndarray, np.ndarray]:
+    """A second, independent digit data set on ``Grid(32, 32)``: the 1797 UCI handwritten digits
+    that ship inside scikit-learn (``load_digits``; other writers, scanned at 8×8 with 17 grey
+    levels), for cross-dataset checks of priors and samplers trained on :func:`mnist32` (as the
+    paper used FFHQ for its CelebA-trained sampler).
+
+    Each 8×8 image (values 0–16) is divided by 16, upsampled bilinearly by 2.5 to 20×20 (the size of
+    the digit box in MNIST) and placed at rows/columns 6–25 of a zero 32×32 image, so the digits sit
+    where MNIST's do. They remain blurrier than MNIST: that is the distribution shift.
+
+    Returns:
+        images: (1797, 1024, 1) float32 grey levels in [0, 1], ``Grid(32, 32)`` vertex layout.
+        labels: (1797,) int64 digit labels in 0..9.
+
+    Raises:
+        ModuleNotFoundError: scikit-learn is not installed (``pip install scikit-learn``).
+    """
+    images, labels = _digits_cached()
+    return images.copy(), labels.copy()
 
 
 # --------------------------------------------------------------------------------- CelebA

