@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export GEODIFF_CACHE := $(CURDIR)/.cache/geodiff
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test priors clean-cache
+.PHONY: setup demo test priors benchmarks clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/python benchmarks/era5_imputation.py --quick --out outputs/era5_demo
+
+# the four comparison scripts in quick mode (≈ 12 min) and the table of targets
+QUICK := era5_imputation bunny_mnist_inpainting image_inverse generalization
+benchmarks: setup
+	for s in $(QUICK); do $(BIN)/python benchmarks/$$s.py --quick --out outputs/$$s-quick || exit 1; done
+	$(BIN)/python benchmarks/summarize.py $(addprefix outputs/,$(addsuffix -quick,$(QUICK))) \
+		--json outputs/targets-quick.json
 
 priors: setup
 	$(BIN)/python benchmarks/train_priors.py --dataset all --quick --out outputs/priors

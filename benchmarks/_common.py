@@ -147,8 +147,8 @@ def run_closed_form(task, name, fn, args, truth, manifold, *, repeats: int, **kw
 def run_diffusion(task, method, prior, op, meas, truth, manifold, val_meas, val_truth, *,
                   steps: int, zetas, tune_steps: int, seed: int):
     """DPS or MCG (``method`` = ``"DPS"``/``"MCG"``): ζ tuned on validation measurements (never a
-    test one), one sample per test measurement; time per sample from a separate one-measurement
-    run after a compiling one. Returns (row, estimate (B, V, C), info)."""
+    test one) with ``tune_steps`` reverse steps, one sample per test measurement; time per sample
+    from a separate one-measurement run after a compiling one. Returns (row, estimate (B, V, C), info)."""
     from geodiff.baselines import dps, mcg, tune_zeta
 
     fn = {"DPS": dps, "MCG": mcg}[method]
@@ -200,6 +200,7 @@ def aps_rows(task, trained, info, meas, truth, manifold, *, seed: int, repeats: 
     the 128-sample 90% intervals and the break-even N* against ``dps_time`` (s per measurement).
     Returns (rows, mean (B, V, C), std (B, V, C), one sample (B, V, C))."""
     one = meas[0]
+    repeats = max(repeats, 5)          # millisecond calls: a median of 5 resists a busy machine
     t1, _ = time_call(trained.sample, jax.random.key(1), one, 1, repeats=repeats)
     t128, _ = time_call(trained.sample, jax.random.key(1), one, 128, repeats=repeats)
     x1 = np.asarray(trained.sample(jax.random.key(seed + 103), meas, 1)[0])
@@ -257,11 +258,37 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="write the trained amortized sampler here (AmortizedSampler.load)")
     p.add_argument("--fresh", action="store_true",
                    help="full mode: ignore cached stages and compute everything again")
+    p.add_argument("--aps-steps", type=int, default=None,
+                   help="override the mode's APS optimizer steps (studies of training length)")
+    p.add_argument("--prior-t0", type=float, default=None,
+                   help="use (and train if missing) priors with this VPSDE t0 instead of 1e-3; it "
+                        "sets the ELBO's decoder noise, which APS trains against (docs/amortized.md)")
     return p
 
 
 def mode_name(args) -> str:
     return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+def main(doc: str, run, modes: dict, out: str, argv=None, *, tasks: tuple | None = None) -> dict:
+    """The ``main`` of a comparison script: parse the shared flags (plus ``--out`` and, when
+    ``tasks`` is given, ``--tasks``), pick the mode's config, run, write ``--json``."""
+    p = parser(doc)
+    p.add_argument("--out", default=out, help="output folder")
+    if tasks:
+        p.add_argument("--tasks", nargs="+", choices=list(tasks), default=None)
+    args = p.parse_args(argv)
+    cfg = dataclasses.replace(modes[mode_name(args)], seed=args.seed, prior_t0=args.prior_t0)
+    if args.aps_steps is not None:
+        if args.aps_steps < 1:
+            raise SystemExit(f"--aps-steps must be ≥ 1, got {args.aps_steps}")
+        cfg = dataclasses.replace(cfg, aps_steps=args.aps_steps)
+    if tasks and args.tasks:
+        cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks))
+    result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
+    if args.json:
+        write_json(args.json, result)
+    return result
 
 
 # ------------------------------------------------------------------------- one whole task
@@ -275,8 +302,10 @@ class Settings:
     repeats: int = 3             # timing repeats
     rank: int = 256              # Gaussian fit rank (kriging and the APS surrogate)
     dps_steps: int = 1000        # DPS / MCG reverse steps (NFE)
-    zetas: tuple = (0.3, 1.0, 3.0)
-    tune_steps: int = 250
+    zetas: tuple = (0.1, 0.3, 1.0, 3.0)   # ζ candidates (normalized data units)
+    # ζ is tuned at the evaluation's own step count: DPS applies ζ once per step, so a ζ tuned
+    # on shorter chains over-corrects on longer ones (measured: bunny ζ = 3 best at 100 steps,
+    # 5.6 dB worse than ζ = 1 at 1000)
     mcg: bool = True             # also run MCG (masking tasks only)
     aps_train: int = 2000        # training measurements of APS
     aps_steps: int = 2000
@@ -288,10 +317,12 @@ class Settings:
     aps_n_eig: int = 64          # spectral conditioner modes
     fpy_n: int = 2               # test measurements FlowPerY is trained on (one flow each)
     fpy_steps: int = 200         # FlowPerY optimizer steps per measurement
+    prior_t0: float | None = None  # VPSDE t0 of the diffusion prior (None: 1e-3, the default)
 
 
 def slug(task: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in task.lower()).strip("-")
+    """An ASCII file-name form of a task label (cache stage names)."""
+    return "".join(c if c.isascii() and c.isalnum() else "-" for c in task.lower()).strip("-")
 
 
 def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, gauss, stages: Stages,
@@ -341,7 +372,7 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
     for name in ("DPS", "MCG") if (s.mcg and isinstance(op, RandomMask)) else ("DPS",):
         def go(name=name):
             row, e, _ = run_diffusion(task, name, prior, op, meas, test, manifold, val_meas, val,
-                                      steps=s.dps_steps, zetas=s.zetas, tune_steps=s.tune_steps,
+                                      steps=s.dps_steps, zetas=s.zetas, tune_steps=s.dps_steps,
                                       seed=s.seed)
             return {"est": e}, row
         arrays, row = stages.run(f"{key}-{name}", go)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from geodiff import AmortizedSampler, GaussianPrior, Sphere
 from geodiff.amortized.surrogate import base_params

@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
-from _common import Settings, Stages, compare, meta, mode_name, parser, write_outputs  # noqa: E402
+from _common import main as common_main  # noqa: E402
+from _common import Settings, Stages, compare, meta, write_outputs  # noqa: E402
 
 from geodiff import Mesh  # noqa: E402
 from geodiff.baselines import gaussian_fit  # noqa: E402
@@ -51,10 +52,10 @@ class Config(Settings):
 MODES = {
     "full": Config(n_test=100, n_tune=4, aps_train=4000, aps_steps=2000, aps_batch=32,
                    fpy_n=4, fpy_steps=300),
-    "quick": Config(n_test=8, n_tune=2, prior_mode="quick", tune_steps=100, zetas=(0.3, 1.0),
-                    aps_train=500, aps_steps=100, aps_batch=16, repeats=2, fpy_n=1, fpy_steps=60),
+    "quick": Config(n_test=8, n_tune=2, prior_mode="quick", aps_train=500,
+                    aps_steps=100, aps_batch=16, repeats=2, fpy_n=1, fpy_steps=60),
     "smoke": Config(n_test=2, n_tune=1, repeats=1, prior_mode="smoke", dps_steps=10, zetas=(0.3, 1.0),
-                    tune_steps=5, rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16,
+                    rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16,
                     aps_couplings=1, aps_n_eig=8, fpy_n=1, fpy_steps=2),
 }
 
@@ -65,7 +66,8 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     out.mkdir(parents=True, exist_ok=True)
     mesh = Mesh.bunny(3)
     stages = Stages("bunny_mnist_inpainting", cfg, enabled=cfg.prior_mode == "full", fresh=fresh)
-    prior, _, _, _ = train_or_load("bunny", cfg.prior_mode, seed=cfg.seed, progress=False)
+    prior, _, _, _ = train_or_load("bunny", cfg.prior_mode, seed=cfg.seed, progress=False,
+                                   t0=cfg.prior_t0)
     train, test_all = bunny_mnist("train", mesh=mesh), bunny_mnist("test", mesh=mesh)
     test, val = test_all[: cfg.n_test], test_all[len(test_all) - cfg.n_tune:]
     gauss = gaussian_fit(train, rank=cfg.rank)
@@ -92,8 +94,8 @@ def figure(mesh, truth, meas, est, std, path, *, ratio: float, sigma: float):
     from geodiff.plot import mesh_render
 
     observed = np.asarray(meas.mask[0, :, 0])
-    fields = {"truth": truth[:, 0],
-              f"measurement ({1 - ratio:.0%} observed)": np.where(observed, np.asarray(meas.y[0, :, 0]), np.nan)}
+    y = np.where(observed, np.asarray(meas.y[0, :, 0]), np.nan)
+    fields = {"truth": truth[:, 0], f"measurement ({1 - ratio:.0%} observed)": y}
     for name in ("APS(128)", "APS(1)", "DPS", "MCG", "FlowPerY", "Kriging", "Harmonic"):
         if name in est:
             fields["APS(128) mean" if name == "APS(128)" else name] = est[name][0, :, 0]
@@ -105,15 +107,7 @@ def figure(mesh, truth, meas, est, std, path, *, ratio: float, sigma: float):
 
 
 def main(argv=None):
-    p = parser(__doc__)
-    p.add_argument("--out", default="outputs/bunny_mnist_inpainting", help="output folder")
-    args = p.parse_args(argv)
-    cfg = dataclasses.replace(MODES[mode_name(args)], seed=args.seed)
-    result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
-    if args.json:
-        from geodiff.timing import write_json
-        write_json(args.json, result)
-    return result
+    return common_main(__doc__, run, MODES, "outputs/bunny_mnist_inpainting", argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ mode leaves out MCG and FlowPerY to stay within a few minutes.
     python benchmarks/era5_imputation.py --smoke          # what the tests run (seconds)
     python benchmarks/era5_imputation.py                  # full mode, resumable cached stages
 
-Writes ``<out>/results.json`` (schema of API.md), ``<out>/results.md`` and ``<out>/globe.png``.
+Writes ``<out>/results.json`` (schema of API.md), ``<out>/results.md``, ``<out>/globe.png``
+(Robinson: truth, measurement, kriging, APS mean and std, DPS, APS error) and
+``<out>/globe_ortho.png`` (Orthographic, centred on Europe and Africa).
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
-from _common import Settings, Stages, compare, meta, mode_name, parser, write_outputs  # noqa: E402
+from _common import main as common_main  # noqa: E402
+from _common import Settings, Stages, compare, meta, write_outputs  # noqa: E402
 
 from geodiff import Sphere  # noqa: E402
 from geodiff.baselines import gaussian_fit  # noqa: E402
 from geodiff.data import denormalize, era5_like, glosea4_split, glosea4_split_info  # noqa: E402
 from geodiff.metrics import area_rmse  # noqa: E402
 from geodiff.operators import RandomMask  # noqa: E402
-from geodiff.timing import write_json  # noqa: E402
 
 TASK = "ERA5-like imputation 60%, σ=0.05"
 DATA_SOURCE = ("train: ERA5-like (GloSea4-anchored), generated from GloSea4 members 0-8; "
@@ -64,7 +66,7 @@ MODES = {
     "quick": Config(n_train=2000, n_test=6, prior_mode="quick", aps_train=500, aps_steps=100,
                     aps_batch=16, mcg=False, fpy_n=0),
     "smoke": Config(n_train=200, rank=32, n_test=2, repeats=1, prior_mode="smoke", dps_steps=10,
-                    zetas=(0.1, 0.3), n_tune=1, tune_steps=5, aps_train=32, aps_steps=3,
+                    zetas=(0.1, 0.3), n_tune=1, aps_train=32, aps_steps=3,
                     aps_batch=8, aps_hidden=16, aps_couplings=1, aps_n_eig=8, fpy_n=1, fpy_steps=2),
 }
 
@@ -84,7 +86,8 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     t0 = time.perf_counter()
     gauss = gaussian_fit(train, rank=cfg.rank)
     fit_s = time.perf_counter() - t0
-    prior, _, _, _ = train_or_load("era5", cfg.prior_mode, seed=cfg.seed, progress=False)
+    prior, _, _, _ = train_or_load("era5", cfg.prior_mode, seed=cfg.seed, progress=False,
+                                   t0=cfg.prior_t0)
     op = RandomMask(cfg.ratio, cfg.sigma).on(sphere)
     rows, est, std, trained, meas = compare(
         TASK, cfg, manifold=sphere, prior=prior, op=op, test=truth,
@@ -115,7 +118,8 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     shown = {k: est[k] for k in ("Kriging", "APS(128)", "DPS") if k in est}
     plot(sphere, truth[0], meas, shown, out / "globe.png",
          title=f"{info[0][1]}, member {info[0][0]:03d}", aps_std=std[0, :, 0])
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'globe.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'globe.png'}, "
+          f"{out / 'globe_ortho.png'}")
     return result
 
 
@@ -133,17 +137,14 @@ def plot(sphere, truth, meas, estimates, path, *, title, aps_std=None):
     key = "APS(128)" if "APS(128)" in estimates else "Kriging"
     fields[f"{key} error"] = denormalize(estimates[key][0, :, 0]) - denormalize(truth[:, 0])
     globe(sphere, fields, path, units="K", suptitle=f"ERA5-like imputation, held-out GloSea4 field ({title})")
+    ortho = {k: v for k, v in fields.items() if k.startswith(("truth", "APS", key))}
+    globe(sphere, ortho, Path(path).with_name("globe_ortho.png"), projection="orthographic",
+          units="K", ncols=len(ortho), central_longitude=10.0,
+          suptitle=f"ERA5-like imputation over Europe and Africa ({title})")
 
 
 def main(argv=None):
-    p = parser(__doc__)
-    p.add_argument("--out", default="outputs/era5_imputation", help="output folder")
-    args = p.parse_args(argv)
-    cfg = dataclasses.replace(MODES[mode_name(args)], seed=args.seed)
-    result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
-    if args.json:
-        write_json(args.json, result)
-    return result
+    return common_main(__doc__, run, MODES, "outputs/era5_imputation", argv)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
-from _common import (Settings, Stages, aps_rows, fit_aps, meta, mode_name, parser,  # noqa: E402
+from _common import main as common_main  # noqa: E402
+from _common import (Settings, Stages, aps_rows, fit_aps, meta,  # noqa: E402
                      run_closed_form, write_outputs)
 
 from geodiff import AmortizedSampler, Grid, Sphere  # noqa: E402
@@ -76,9 +77,10 @@ def sampler_for(cfg, manifold, prior, op, gauss):
                             hidden=cfg.aps_hidden, n_steps=cfg.aps_couplings, n_eig=cfg.aps_n_eig)
 
 
-def evaluate(task, trained, info, op, truth, manifold, cfg, *, key, refs):
-    """APS(1)/APS(128) and the reference rows on fresh measurements of ``truth``."""
-    meas = op.measure(jax.random.key(key), truth)
+def evaluate(task, trained, info, op, truth, manifold, cfg, *, key, refs, meas=None):
+    """APS(1)/APS(128) and the reference rows on ``meas`` (default: fresh measurements of
+    ``truth`` with PRNG key ``key``)."""
+    meas = op.measure(jax.random.key(key), truth) if meas is None else meas
     rows, mean, std, _ = aps_rows(task, trained, info, meas, truth, manifold, seed=cfg.seed,
                                   repeats=cfg.repeats, dps_time=None)
     est = {"APS(128)": mean}
@@ -95,7 +97,8 @@ def run_digits(cfg, stages):
     from train_priors import train_or_load
 
     grid = Grid(32, 32)
-    prior, _, _, _ = train_or_load("mnist", cfg.mnist_prior, seed=cfg.seed, progress=False)
+    prior, _, _, _ = train_or_load("mnist", cfg.mnist_prior, seed=cfg.seed, progress=False,
+                                   t0=cfg.prior_t0)
     train = mnist32("train")
     gauss = gaussian_fit(train, rank=cfg.rank)
     op = Denoise(0.1).on(grid)
@@ -117,17 +120,9 @@ def run_digits(cfg, stages):
              ("denoise σ=0.1, second data set: UCI digits", digits32()[0][: cfg.n_test], None)]
     for i, (task, truth, meas) in enumerate(cases):
         print(f"--- {task}")
-        if meas is None:
-            r, est, std, meas = evaluate(task, trained, info, op, truth, grid, cfg,
-                                         key=cfg.seed + 10 + i, refs=refs)
-        else:  # the very measurements the sampler was trained on
-            r, mu, std, _ = aps_rows(task, trained, info, meas, truth, grid, seed=cfg.seed,
-                                     repeats=cfg.repeats, dps_time=None)
-            est = {"APS(128)": mu}
-            for name, fn, args, kw in refs(op, meas):
-                row, e = run_closed_form(task, name, fn, args, truth, grid, repeats=cfg.repeats, **kw)
-                r.append(row)
-                est[name] = e
+        # case "seen": the very measurements the sampler was trained on
+        r, est, std, meas = evaluate(task, trained, info, op, truth, grid, cfg,
+                                     key=cfg.seed + 10 + i, refs=refs, meas=meas)
         rows.extend(r)
         shown[task] = (truth, np.asarray(meas.y), est, std)
     return rows, grid, shown, trained
@@ -137,7 +132,8 @@ def run_blind(cfg, stages):
     from train_priors import train_or_load
 
     sphere = Sphere.latlon(46, 90)
-    prior, _, _, _ = train_or_load("era5", cfg.era5_prior, seed=cfg.seed, progress=False)
+    prior, _, _, _ = train_or_load("era5", cfg.era5_prior, seed=cfg.seed, progress=False,
+                                   t0=cfg.prior_t0)
     gauss = gaussian_fit(era5_like(cfg.seed, cfg.n_era5_train), rank=cfg.rank)
     blind_op = RandomMask(cfg.blind, 0.05).on(sphere)
     sampler = sampler_for(cfg, sphere, prior, blind_op, gauss)
@@ -232,15 +228,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
 
 
 def main(argv=None):
-    p = parser(__doc__)
-    p.add_argument("--out", default="outputs/generalization", help="output folder")
-    args = p.parse_args(argv)
-    cfg = dataclasses.replace(MODES[mode_name(args)], seed=args.seed)
-    result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
-    if args.json:
-        from geodiff.timing import write_json
-        write_json(args.json, result)
-    return result
+    return common_main(__doc__, run, MODES, "outputs/generalization", argv)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ rank-R + diagonal Gaussian fitted to the train split, which is also APS's surrog
     python benchmarks/image_inverse.py --smoke     # what the tests run (seconds)
     python benchmarks/image_inverse.py             # full mode, resumable cached stages
 
-Writes ``<out>/results.json`` (schema of API.md), ``<out>/results.md`` and one image grid per task
-(``<out>/<task>.png``: truth, measurement, APS(1), APS(128) mean, APS std, DPS, the others).
+Writes ``<out>/results.json`` (schema of API.md), ``<out>/results.md`` and one image grid per task,
+``<out>/{denoise,deblur,sr2}.png`` (truth, measurement, APS(1), APS(128) mean, APS std, DPS and the
+other methods).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
-from _common import Settings, Stages, compare, meta, mode_name, parser, slug, write_outputs  # noqa: E402
+from _common import main as common_main  # noqa: E402
+from _common import Settings, Stages, compare, meta, write_outputs  # noqa: E402
 
 from geodiff import Grid  # noqa: E402
 from geodiff.baselines import gaussian_fit  # noqa: E402
@@ -50,11 +51,11 @@ class Config(Settings):
 MODES = {
     "full": Config(n_test=100, n_tune=4, aps_train=4000, aps_steps=2000, aps_batch=32,
                    fpy_n=4, fpy_steps=300),
-    "quick": Config(n_test=8, n_tune=2, prior_mode="quick", dps_steps=1000, tune_steps=100,
-                    zetas=(0.3, 1.0), aps_train=500, aps_steps=100, aps_batch=16, repeats=2,
+    "quick": Config(n_test=8, n_tune=2, prior_mode="quick", dps_steps=1000,
+                    aps_train=500, aps_steps=100, aps_batch=16, repeats=2,
                     fpy_n=1, fpy_steps=60),
     "smoke": Config(n_test=2, n_tune=1, repeats=1, prior_mode="smoke", dps_steps=10, zetas=(0.3, 1.0),
-                    tune_steps=5, rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16,
+                    rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16,
                     aps_couplings=1, aps_n_eig=8, fpy_n=1, fpy_steps=2),
 }
 
@@ -71,7 +72,8 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     out.mkdir(parents=True, exist_ok=True)
     grid = Grid(32, 32)
     stages = Stages("image_inverse", cfg, enabled=cfg.prior_mode == "full", fresh=fresh)
-    prior, _, _, _ = train_or_load("mnist", cfg.prior_mode, seed=cfg.seed, progress=False)
+    prior, _, _, _ = train_or_load("mnist", cfg.prior_mode, seed=cfg.seed, progress=False,
+                                   t0=cfg.prior_t0)
     train = mnist32("train")
     test_all = mnist32("test")
     test, val = test_all[: cfg.n_test], test_all[len(test_all) - cfg.n_tune:]
@@ -85,7 +87,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
                                              stages=stages)
         rows.extend(r)
         samplers[name] = trained
-        figure(grid, op, test, meas, est, std, out / f"{slug(task)}.png", task)
+        figure(grid, op, test, meas, est, std, out / f"{name}.png", task)
     if save_sampler is not None:
         for name, trained in samplers.items():
             path = Path(save_sampler)
@@ -131,18 +133,7 @@ def figure(grid, op, truth, meas, est, std, path, task, n_show: int = 4):
 
 
 def main(argv=None):
-    p = parser(__doc__)
-    p.add_argument("--out", default="outputs/image_inverse", help="output folder")
-    p.add_argument("--tasks", nargs="+", choices=["denoise", "deblur", "sr2"], default=None)
-    args = p.parse_args(argv)
-    cfg = dataclasses.replace(MODES[mode_name(args)], seed=args.seed)
-    if args.tasks:
-        cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks))
-    result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
-    if args.json:
-        from geodiff.timing import write_json
-        write_json(args.json, result)
-    return result
+    return common_main(__doc__, run, MODES, "outputs/image_inverse", argv, tasks=("denoise", "deblur", "sr2"))
 
 
 if __name__ == "__main__":

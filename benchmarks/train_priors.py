@@ -27,7 +27,7 @@ import numpy as np
 
 from geodiff import Grid, Mesh, Sphere
 from geodiff._cache import cache_dir
-from geodiff.diffusion import DiffusionPrior, NetConfig
+from geodiff.diffusion import VPSDE, DiffusionPrior, NetConfig
 from geodiff.timing import machine_info, versions, write_json
 
 
@@ -67,31 +67,39 @@ def load_dataset(name: str, n: int | None, seed: int):
     raise ValueError(f"dataset must be one of era5, bunny, mnist, got {name!r}")
 
 
-def prior_path(dataset: str, mode: str) -> Path:
-    return cache_dir("priors") / f"{dataset}-{mode}.npz"
+def prior_name(dataset: str, mode: str, t0: float | None = None) -> str:
+    """Cache name: ``<dataset>-<mode>``, plus ``-t0<t0>`` for a non-default VPSDE t0."""
+    return f"{dataset}-{mode}" + ("" if t0 is None else f"-t0{t0:g}")
+
+
+def prior_path(dataset: str, mode: str, t0: float | None = None) -> Path:
+    return cache_dir("priors") / f"{prior_name(dataset, mode, t0)}.npz"
 
 
 def train_or_load(dataset: str, mode_name: str, *, seed: int = 0, steps: int | None = None,
-                  retrain: bool = False, progress: bool = True):
+                  retrain: bool = False, progress: bool = True, t0: float | None = None):
     """The cached prior of ``dataset`` trained in ``mode_name``, training it if needed.
 
     Returns:
         (prior, info dict with timings, or None when loaded from the cache), manifold, data.
     """
+    if t0 is not None and not 0 < t0 < 0.1:
+        raise ValueError(f"t0 must be in (0, 0.1), got {t0!r}")
     mode = MODES[mode_name]
     manifold, data, units, physical = load_dataset(dataset, mode.n_train, seed)
-    path = prior_path(dataset, mode_name)
+    path = prior_path(dataset, mode_name, t0)
     if path.exists() and not retrain and steps is None:
         return DiffusionPrior.load(path, manifold), None, manifold, data
-    ckpt = cache_dir("priors") / f"{dataset}-{mode_name}-ckpt"
+    ckpt = cache_dir("priors") / f"{prior_name(dataset, mode_name, t0)}-ckpt"
     if retrain and ckpt.exists():
         shutil.rmtree(ckpt)
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     prior, history = DiffusionPrior.train(
         jax.random.key(seed), manifold, data, steps=steps or mode.steps, batch_size=mode.batch_size,
         config=mode.net, learning_rate=mode.learning_rate, warmup_steps=mode.warmup_steps,
-        checkpoint_dir=ckpt, checkpoint_every=500, progress=progress)
-    wall = time.perf_counter() - t0
+        checkpoint_dir=ckpt, checkpoint_every=500, progress=progress,
+        sde=None if t0 is None else VPSDE(t0=t0))
+    wall = time.perf_counter() - start
     prior.save(path)
     n_params = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(prior.params))
     info = {"wall_s": wall, "step_s": history["step_s"], "compile_s": history["compile_s"],
@@ -135,6 +143,8 @@ def main(argv=None):
     mode.add_argument("--smoke", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="override the mode's step count")
     parser.add_argument("--retrain", action="store_true", help="ignore a cached prior")
+    parser.add_argument("--t0", type=float, default=None,
+                        help="VPSDE t0 (default 1e-3); cached as <dataset>-<mode>-t0<t0>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/priors")
     parser.add_argument("--json", default=None)
@@ -147,11 +157,13 @@ def main(argv=None):
     rows = []
     for name in datasets:
         prior, info, manifold, data = train_or_load(name, mode_name, seed=args.seed, steps=args.steps,
-                                                     retrain=args.retrain, progress=not args.no_progress)
-        fig = out / f"{name}-{mode_name}.png"
+                                                     retrain=args.retrain, progress=not args.no_progress,
+                                                     t0=args.t0)
+        fig = out / f"{prior_name(name, mode_name, args.t0)}.png"
         per_sample = draw(name, prior, manifold, data, fig, sample_steps=MODES[mode_name].sample_steps,
                           seed=args.seed)
-        rows.append({"dataset": name, "mode": mode_name, "trained_now": info is not None,
+        rows.append({"dataset": name, "mode": mode_name, "t0": float(prior.sde.t0),
+                     "trained_now": info is not None,
                      "sample_s": per_sample, "sample_steps": MODES[mode_name].sample_steps,
                      "figure": str(fig), **(info or {})})
         r = rows[-1]

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_era5_imputation_smoke(tmp_path, monkeypatch, bench_cache):
     assert by["APS(1)"]["break_even_n"] is None or by["APS(1)"]["break_even_n"] > 0
     assert by["FlowPerY"]["n_eval"] == 1 and by["APS(128)"]["n_eval"] == 2
     assert all(r["rmse_K"] > 0 for r in on_disk["rows"])
-    for name in ["results.json", "results.md", "globe.png"]:
+    for name in ["results.json", "results.md", "globe.png", "globe_ortho.png"]:
         assert (tmp_path / "out" / name).stat().st_size > 0
     sampler = AmortizedSampler.load(tmp_path / "sampler.npz")
     assert sampler.manifold.n_vertices == 4140
@@ -103,7 +104,8 @@ def test_image_inverse_smoke(tmp_path, monkeypatch, bench_cache):
     assert all(0 < r["ssim"] <= 1 for r in on_disk["rows"])
     for task in ("denoise", "deblur", "sr2"):
         assert (tmp_path / f"sampler-{task}.npz").exists()
-    assert len(list((tmp_path / "out").glob("grid-*.png"))) == 3
+    for task in ("denoise", "deblur", "sr2"):
+        assert (tmp_path / "out" / f"{task}.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -149,6 +151,12 @@ def test_train_priors_smoke(tmp_path, monkeypatch):
     # a second call reuses the cached priors instead of training again
     again = script.main(["--smoke", "--dataset", "mnist", "--no-progress", "--out", str(tmp_path / "figs")])
     assert again["rows"][0]["trained_now"] is False
+    # another t0 is another prior, cached under its own name
+    other = script.main(["--smoke", "--dataset", "mnist", "--no-progress", "--t0", "1e-5",
+                         "--out", str(tmp_path / "figs")])
+    assert other["rows"][0]["trained_now"] and other["rows"][0]["t0"] == pytest.approx(1e-5)
+    assert (tmp_path / "cache" / "priors" / "mnist-smoke-t01e-05.npz").exists()
+    assert again["rows"][0]["t0"] == pytest.approx(1e-3)
 
 
 def test_prior_step_time_smoke(tmp_path):
@@ -175,3 +183,55 @@ def test_gaussian_posterior_smoke(tmp_path):
             assert 0.5 < stage["coverage90"] <= 1 and 0 <= stage["between_modes"] <= 1
         assert run["steps"] >= 1 and run["flops_128"] > run["flops_1"] > 0
     assert (tmp_path / "out" / "results.md").stat().st_size > 0
+
+
+def test_summarize_checks_targets(tmp_path):
+    """The target table computes speed-ups, dB gaps, coverage and N* from the rows as written."""
+    script = load_script("summarize")
+
+    def row(task, method, t, psnr, cov=None, n=None):
+        return {"task": task, "method": method, "time_per_sample_s": t, "psnr": psnr,
+                "coverage90": cov, "break_even_n": n}
+
+    era5 = "ERA5-like imputation 60%, σ=0.05"
+    rows = [row(era5, "DPS", 10.0, 36.0), row(era5, "APS(1)", 1e-3, 33.0),
+            row(era5, "APS(128)", 1e-3 / 128, 38.5, cov=0.97, n=12.0), row(era5, "Kriging", 1e-3, 39.0)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    got = {e["target"]: e for e in script.main([str(tmp_path / "a"), "--json", str(tmp_path / "c.json")])}
+    assert got["APS(1) speed-up per sample vs DPS"]["measured"] == "10,000×"
+    assert got["APS(1) speed-up per sample vs DPS"]["met"]
+    assert got["APS(128) speed-up per sample vs DPS"]["measured"] == "1,280,000×"
+    assert got["APS(128) speed-up per sample vs DPS"]["met"]
+    assert not got["90% coverage (held-out)"]["met"]                      # 0.97 over-covers
+    assert got["APS(128) PSNR − DPS"]["measured"] == "+2.50 dB" and got["APS(128) PSNR − DPS"]["met"]
+    assert got["APS(128) PSNR − kriging"]["met"]                         # −0.50 dB, on the boundary
+    assert got["break-even N*"]["measured"] == "12.0"
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        script.main([str(tmp_path / "missing")])
+    from PIL import Image
+    Image.new("RGB", (300, 100), (200, 30, 30)).save(tmp_path / "a" / "globe σ.png")
+    (out,) = script.shrink_figures([tmp_path / "a"], tmp_path / "figs", width=150)
+    assert out.name == "a-globe--.png" and Image.open(out).size == (150, 50)
+
+
+def test_stages_cache_resume_and_fresh(tmp_path, monkeypatch):
+    """Full-mode stages: computed once, loaded on the next run, keyed by the config, --fresh drops them."""
+    monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path / "cache"))
+    common = load_script("_common")
+    calls = []
+
+    def stage():
+        calls.append(1)
+        return {"est": np.arange(6.0).reshape(2, 3)}, {"psnr": 30.0}
+
+    cfg = common.Settings(seed=0)
+    first = common.Stages("demo", cfg, enabled=True).run("Kriging", stage)
+    again = common.Stages("demo", cfg, enabled=True).run("Kriging", stage)
+    assert len(calls) == 1 and again[1] == {"psnr": 30.0}
+    np.testing.assert_array_equal(again[0]["est"], first[0]["est"])
+    common.Stages("demo", common.Settings(seed=1), enabled=True).run("Kriging", stage)   # other config
+    common.Stages("demo", cfg, enabled=True, fresh=True).run("Kriging", stage)          # --fresh
+    common.Stages("demo", cfg, enabled=False).run("Kriging", stage)                     # quick/smoke
+    assert len(calls) == 4
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))                             # atomic writes

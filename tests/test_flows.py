@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from geodiff import Grid, Mesh, Sphere
+from geodiff.diffusion.network import neighbour_table
 from geodiff.flows import (ActNorm, AffineCoupling, ConditionalRealNVP, SpectralConditioner,
                            vertex_partition)
 
@@ -63,6 +64,47 @@ def test_flow_is_a_bijection_with_exact_logdet(name, conditioner, cc, x64):
         np.testing.assert_allclose(ldi, -ld, atol=1e-8)
         return
     check_bijection(flow, x, cond, m.valid)
+
+
+@pytest.mark.parametrize("name", ["grid", "sphere", "padded"])
+def test_local_mlp_conditioner_keeps_exact_logdet(name, x64):
+    """The per-vertex MLP on 1- and 2-ring means (local_hidden > 0) is still a coupling: bijective,
+    log-det equal to the dense Jacobian's; it starts at zero (identity) and reads its neighbours."""
+    m = MANIFOLDS[name]()
+    fresh = ConditionalRealNVP(m, condition_channels=2, n_steps=2, hidden=8, n_eig=6, local_hidden=4)
+    x = jax.random.normal(jax.random.key(1), (2, m.n_vertices, 1), jnp.float64)
+    cond = jax.random.normal(jax.random.key(2), (2, m.n_vertices, 2), jnp.float64)
+    np.testing.assert_array_equal(fresh.forward(x, cond)[0], x)
+    flow = perturb(fresh)
+    check_bijection(flow, x, cond, m.valid)
+    with pytest.raises(ValueError, match="local_hidden"):
+        ConditionalRealNVP(m, local_hidden=-1)
+
+
+def test_local_mlp_reaches_exactly_two_rings():
+    """With the global and linear parts zeroed, a bump of the input at one vertex moves the
+    conditioner's output at that vertex and within two rings of it, and nowhere else."""
+    import scipy.sparse.csgraph as csgraph
+
+    g = Grid(6, 6)
+    _, evecs = g.eigenpairs(5)
+    index, weight = neighbour_table(g.laplacian, g.valid)
+    cond = perturb(SpectralConditioner(evecs, g.mass, 1, 1, hidden=8, rngs=nnx.Rngs(0),
+                                       nbr=(index, weight), local_hidden=6))
+    for layer in (cond.g3, cond.local):
+        layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
+        layer.bias[...] = jnp.zeros_like(layer.bias[...])
+    u = jax.random.normal(jax.random.key(0), (1, 36, 2))
+    v = 14
+    moved = np.abs(np.asarray(cond(u.at[0, v].add(1.0)) - cond(u)))[0].max(axis=1)
+    adjacency = np.zeros((36, 36))
+    for i in range(36):
+        adjacency[i, index[i][weight[i] > 0]] = 1
+    hops = csgraph.shortest_path(adjacency, unweighted=True)[:, v]   # j → v: j reads v within 2 hops
+    assert np.all(moved[hops > 2] == 0)
+    assert np.all(moved[hops <= 2] > 0)
+    with pytest.raises(ValueError, match="neighbour table"):
+        SpectralConditioner(evecs, g.mass, 1, 1, hidden=8, rngs=nnx.Rngs(0), local_hidden=6)
 
 
 def test_each_layer_alone(x64):

