@@ -315,6 +315,8 @@ class Settings:
     aps_hidden: int = 256        # flow conditioner width
     aps_couplings: int = 8       # flow coupling pairs (n_steps)
     aps_n_eig: int = 64          # spectral conditioner modes
+    aps_local_hidden: int = 32   # per-vertex ring MLP of the conditioners (0: off); it pays off
+    #                              only over long runs (docs/amortized.md), so quick mode turns it off
     fpy_n: int = 2               # test measurements FlowPerY is trained on (one flow each)
     fpy_steps: int = 200         # FlowPerY optimizer steps per measurement
     prior_t0: float | None = None  # VPSDE t0 of the diffusion prior (None: 1e-3, the default)
@@ -383,7 +385,8 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
     aps_op = op if aps_op is None else aps_op
     sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
     sampler = AmortizedSampler(manifold, prior, aps_op, surrogate=sur, n_t=s.aps_n_t, seed=s.seed,
-                               hidden=s.aps_hidden, n_steps=s.aps_couplings, n_eig=s.aps_n_eig)
+                               hidden=s.aps_hidden, n_steps=s.aps_couplings, n_eig=s.aps_n_eig,
+                               local_hidden=s.aps_local_hidden)
     train_meas = aps_op.measure(jax.random.key(s.seed + 101), train)
     trained, info = fit_aps(sampler, train_meas, steps=s.aps_steps, batch_size=s.aps_batch,
                             learning_rate=s.aps_lr, seed=s.seed, stages=stages, stage=f"{key}-APS",

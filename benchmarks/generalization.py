@@ -64,17 +64,25 @@ class Config(Settings):
 MODES = {
     "full": Config(n_test=100, aps_train=4000, aps_steps=2000, aps_batch=32),
     "quick": Config(n_test=16, mnist_prior="quick", era5_prior="quick", n_era5_train=2000,
-                    aps_train=500, aps_steps=100, aps_batch=16, repeats=2),
+                    aps_train=500, aps_steps=100, aps_batch=16, aps_local_hidden=0, repeats=2),
     "smoke": Config(n_test=2, repeats=1, mnist_prior="smoke", era5_prior="smoke", n_era5_train=200,
                     rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16, aps_couplings=1,
-                    aps_n_eig=8),
+                    aps_n_eig=8, aps_local_hidden=4),
 }
 
 
-def sampler_for(cfg, manifold, prior, op, gauss):
+def train_sampler(cfg, manifold, prior, op, gauss, signals, stages, stage):
+    """An APS with the Gaussian fit as surrogate, trained on measurements of ``signals`` (key
+    seed + 101); returns (trained sampler, fit info, training measurements)."""
     sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
-    return AmortizedSampler(manifold, prior, op, surrogate=sur, n_t=cfg.aps_n_t, seed=cfg.seed,
-                            hidden=cfg.aps_hidden, n_steps=cfg.aps_couplings, n_eig=cfg.aps_n_eig)
+    sampler = AmortizedSampler(manifold, prior, op, surrogate=sur, n_t=cfg.aps_n_t, seed=cfg.seed,
+                               hidden=cfg.aps_hidden, n_steps=cfg.aps_couplings, n_eig=cfg.aps_n_eig,
+                               local_hidden=cfg.aps_local_hidden)
+    train_meas = op.measure(jax.random.key(cfg.seed + 101), signals)
+    trained, info = fit_aps(sampler, train_meas, steps=cfg.aps_steps, batch_size=cfg.aps_batch,
+                            learning_rate=cfg.aps_lr, seed=cfg.seed, stages=stages, stage=stage,
+                            progress=cfg.aps_steps >= 50)
+    return trained, info, train_meas
 
 
 def evaluate(task, trained, info, op, truth, manifold, cfg, *, key, refs, meas=None):
@@ -102,12 +110,8 @@ def run_digits(cfg, stages):
     train = mnist32("train")
     gauss = gaussian_fit(train, rank=cfg.rank)
     op = Denoise(0.1).on(grid)
-    sampler = sampler_for(cfg, grid, prior, op, gauss)
     seen = train[: cfg.aps_train]
-    train_meas = op.measure(jax.random.key(cfg.seed + 101), seen)
-    trained, info = fit_aps(sampler, train_meas, steps=cfg.aps_steps, batch_size=cfg.aps_batch,
-                            learning_rate=cfg.aps_lr, seed=cfg.seed, stages=stages, stage="digits-APS",
-                            progress=cfg.aps_steps >= 50)
+    trained, info, train_meas = train_sampler(cfg, grid, prior, op, gauss, seen, stages, "digits-APS")
     mean, factor, nugget = gauss
 
     def refs(op, meas):
@@ -136,12 +140,8 @@ def run_blind(cfg, stages):
                                    t0=cfg.prior_t0)
     gauss = gaussian_fit(era5_like(cfg.seed, cfg.n_era5_train), rank=cfg.rank)
     blind_op = RandomMask(cfg.blind, 0.05).on(sphere)
-    sampler = sampler_for(cfg, sphere, prior, blind_op, gauss)
-    fields = era5_like(cfg.seed + 100, cfg.aps_train)
-    train_meas = blind_op.measure(jax.random.key(cfg.seed + 101), fields)
-    trained, info = fit_aps(sampler, train_meas, steps=cfg.aps_steps, batch_size=cfg.aps_batch,
-                            learning_rate=cfg.aps_lr, seed=cfg.seed, stages=stages, stage="blind-APS",
-                            progress=cfg.aps_steps >= 50)
+    trained, info, _ = train_sampler(cfg, sphere, prior, blind_op, gauss,
+                                     era5_like(cfg.seed + 100, cfg.aps_train), stages, "blind-APS")
     mean, factor, nugget = gauss
 
     def refs(op, meas):

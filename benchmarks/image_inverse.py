@@ -51,12 +51,12 @@ class Config(Settings):
 MODES = {
     "full": Config(n_test=100, n_tune=4, aps_train=4000, aps_steps=2000, aps_batch=32,
                    fpy_n=4, fpy_steps=300),
-    "quick": Config(n_test=8, n_tune=2, prior_mode="quick", dps_steps=1000,
-                    aps_train=500, aps_steps=100, aps_batch=16, repeats=2,
-                    fpy_n=1, fpy_steps=60),
+    "quick": Config(n_test=8, n_tune=2, prior_mode="quick", dps_steps=1000, aps_train=500,
+                    aps_steps=100, aps_batch=16, aps_local_hidden=0, repeats=2, fpy_n=1,
+                    fpy_steps=60),
     "smoke": Config(n_test=2, n_tune=1, repeats=1, prior_mode="smoke", dps_steps=10, zetas=(0.3, 1.0),
                     rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16,
-                    aps_couplings=1, aps_n_eig=8, fpy_n=1, fpy_steps=2),
+                    aps_couplings=1, aps_n_eig=8, aps_local_hidden=4, fpy_n=0),
 }
 
 

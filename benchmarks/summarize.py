@@ -77,7 +77,7 @@ def markdown(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def shrink_figures(folders, dest: Path, *, width: int = 1400) -> list[Path]:
+def shrink_figures(folders, dest: Path, *, width: int = 1100) -> list[Path]:
     """Copy every PNG of ``folders`` to ``dest`` as ``<folder name>-<file>``, at most ``width``
     pixels wide and with a 256-colour palette (the documentation's copies; a few hundred KB)."""
     from PIL import Image
@@ -92,7 +92,7 @@ def shrink_figures(folders, dest: Path, *, width: int = 1400) -> list[Path]:
             name = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-"
                            for c in f"{Path(folder).name}-{png.name}")
             out = dest / name
-            img.quantize(256, dither=Image.Dither.NONE).save(out, optimize=True)
+            img.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(out, optimize=True)
             written.append(out)
     return written
 

@@ -95,16 +95,16 @@ def test_bunny_mnist_inpainting_smoke(tmp_path, monkeypatch, bench_cache):
 
 @pytest.mark.slow
 def test_image_inverse_smoke(tmp_path, monkeypatch, bench_cache):
-    on_disk = run_smoke("image_inverse", tmp_path, monkeypatch, bench_cache)
+    # two of the three tasks keep CI short: denoising (Noise2Score, the per-measurement base) and
+    # SR (the shared dense base, which deblurring uses too); FlowPerY is covered by the other scripts
+    on_disk = run_smoke("image_inverse", tmp_path, monkeypatch, bench_cache, "--tasks", "denoise", "sr2")
     assert "MNIST 32×32 standing in for CelebA" in on_disk["meta"]["data_source"]
-    common = {"Kriging", "DPS", "APS(1)", "APS(128)", "FlowPerY"}
+    common = {"Kriging", "DPS", "APS(1)", "APS(128)"}
     assert methods_by_task(on_disk["rows"]) == {"grid denoise σ=0.1": common | {"Noise2Score"},
-                                                "grid deblur 1 px, σ=0.05": common,
                                                 "grid SR×2, σ=0.05": common}
     assert all(0 < r["ssim"] <= 1 for r in on_disk["rows"])
-    for task in ("denoise", "deblur", "sr2"):
+    for task in ("denoise", "sr2"):
         assert (tmp_path / f"sampler-{task}.npz").exists()
-    for task in ("denoise", "deblur", "sr2"):
         assert (tmp_path / "out" / f"{task}.png").stat().st_size > 0
 
 
