@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/python benchmarks/era5_imputation.py --quick --out outputs/era5_demo
 
-# the four comparison scripts in quick mode (≈ 12 min) and the table of targets
+# the four comparison scripts in quick mode (≈ 16 min) and the table of targets
 QUICK := era5_imputation bunny_mnist_inpainting image_inverse generalization
 benchmarks: setup
 	for s in $(QUICK); do $(BIN)/python benchmarks/$$s.py --quick --out outputs/$$s-quick || exit 1; done

@@ -84,8 +84,9 @@ def _posterior_chain(prior: Prior, operator: Operator, m: Measurement, key, ts, 
     return jnp.where(mask, m.y[None], x0) if mcg else x0
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(0, 1, 6, 7, 8))
 def _run(prior, operator, measurement, key, ts, zeta, n, mcg, batch_ndim):
+    # ζ is traced, not static: tuning over several ζ compiles the chain once
     flat = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[batch_ndim:]), measurement)
     keys = jax.random.split(key, flat.y.shape[0])
     out = jax.vmap(lambda m, k: _posterior_chain(prior, operator, m, k, ts, zeta, n, mcg))(flat, keys)
@@ -95,7 +96,7 @@ def _run(prior, operator, measurement, key, ts, zeta, n, mcg, batch_ndim):
 def _sample(key, prior, operator, measurement, n, steps, zeta, grid, mcg):
     batch = measurement.batch_shape
     ts = prior.time_grid(int(steps), grid)
-    out = _run(prior, operator, measurement, key, ts, float(zeta), int(n), mcg, len(batch))
+    out = _run(prior, operator, measurement, key, ts, jnp.float32(zeta), int(n), mcg, len(batch))
     out = jnp.moveaxis(out, 1, 0)  # (n, B, V, C)
     return out.reshape(int(n), *batch, *out.shape[-2:])
 
