@@ -255,7 +255,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results JSON here")
     p.add_argument("--save-sampler", default=None,
-                   help="write the trained amortized sampler here (AmortizedSampler.load)")
+                   help="write the trained amortized sampler here (AmortizedSampler.load); "
+                        "scripts that train several write <stem>-<task><suffix> beside it")
     p.add_argument("--fresh", action="store_true",
                    help="full mode: ignore cached stages and compute everything again")
     p.add_argument("--aps-steps", type=int, default=None,
