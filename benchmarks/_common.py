@@ -328,6 +328,32 @@ def slug(task: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "-" for c in task.lower()).strip("-")
 
 
+def make_aps(s: Settings, manifold, prior, op, gauss):
+    """An untrained APS for ``op`` with the Gaussian fit ``gauss`` = (mean, factor, nugget) as its
+    surrogate and the flow sizes of ``s``."""
+    from geodiff import AmortizedSampler
+    from geodiff.amortized import GaussianSurrogate
+
+    sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
+    return AmortizedSampler(manifold, prior, op, surrogate=sur, n_t=s.aps_n_t, seed=s.seed,
+                            hidden=s.aps_hidden, n_steps=s.aps_couplings, n_eig=s.aps_n_eig,
+                            local_hidden=s.aps_local_hidden)
+
+
+def train_aps(s: Settings, sampler, signals, stages: Stages, stage: str):
+    """Train ``sampler`` (cached stage ``stage``) on the measurements of ``signals`` by its own
+    operator (PRNG key ``seed + 101``; their clean values are never used).
+
+    Returns:
+        (trained sampler, fit info, training measurements).
+    """
+    train_meas = sampler.operator.measure(jax.random.key(s.seed + 101), signals)
+    trained, info = fit_aps(sampler, train_meas, steps=s.aps_steps, batch_size=s.aps_batch,
+                            learning_rate=s.aps_lr, seed=s.seed, stages=stages, stage=stage,
+                            progress=s.aps_steps >= 50)
+    return trained, info, train_meas
+
+
 def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, gauss, stages: Stages,
             aps_op=None):
     """Every method on one task: the same prior, measurements and machine.
@@ -348,8 +374,6 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
     Returns:
         (rows, estimates {method: (B, V, C)}, APS std (B, V, C), trained sampler, measurements).
     """
-    from geodiff import AmortizedSampler
-    from geodiff.amortized import GaussianSurrogate
     from geodiff.baselines import harmonic, kriging, noise2score
     from geodiff.operators import Denoise, RandomMask
 
@@ -383,15 +407,8 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         est[name] = arrays["est"]
     dps_time = next(r["time_per_sample_s"] for r in rows if r["method"] == "DPS")
 
-    aps_op = op if aps_op is None else aps_op
-    sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
-    sampler = AmortizedSampler(manifold, prior, aps_op, surrogate=sur, n_t=s.aps_n_t, seed=s.seed,
-                               hidden=s.aps_hidden, n_steps=s.aps_couplings, n_eig=s.aps_n_eig,
-                               local_hidden=s.aps_local_hidden)
-    train_meas = aps_op.measure(jax.random.key(s.seed + 101), train)
-    trained, info = fit_aps(sampler, train_meas, steps=s.aps_steps, batch_size=s.aps_batch,
-                            learning_rate=s.aps_lr, seed=s.seed, stages=stages, stage=f"{key}-APS",
-                            progress=s.aps_steps >= 50)
+    sampler = make_aps(s, manifold, prior, op if aps_op is None else aps_op, gauss)
+    trained, info, _ = train_aps(s, sampler, train, stages, f"{key}-APS")
     aps, mean_, std, x1 = aps_rows(task, trained, info, meas, test, manifold, seed=s.seed,
                                    repeats=s.repeats, dps_time=dps_time)
     rows.extend(aps)

@@ -37,11 +37,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from _common import main as common_main  # noqa: E402
-from _common import (Settings, Stages, aps_rows, fit_aps, meta,  # noqa: E402
+from _common import (Settings, Stages, aps_rows, make_aps, meta, train_aps,  # noqa: E402
                      run_closed_form, write_outputs)
 
-from geodiff import AmortizedSampler, Grid, Sphere  # noqa: E402
-from geodiff.amortized import GaussianSurrogate  # noqa: E402
+from geodiff import Grid, Sphere  # noqa: E402
 from geodiff.baselines import gaussian_fit, harmonic, kriging, noise2score  # noqa: E402
 from geodiff.data import digits32, era5_like, glosea4_split, mnist32  # noqa: E402
 from geodiff.operators import Denoise, RandomMask  # noqa: E402
@@ -74,15 +73,7 @@ MODES = {
 def train_sampler(cfg, manifold, prior, op, gauss, signals, stages, stage):
     """An APS with the Gaussian fit as surrogate, trained on measurements of ``signals`` (key
     seed + 101); returns (trained sampler, fit info, training measurements)."""
-    sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
-    sampler = AmortizedSampler(manifold, prior, op, surrogate=sur, n_t=cfg.aps_n_t, seed=cfg.seed,
-                               hidden=cfg.aps_hidden, n_steps=cfg.aps_couplings, n_eig=cfg.aps_n_eig,
-                               local_hidden=cfg.aps_local_hidden)
-    train_meas = op.measure(jax.random.key(cfg.seed + 101), signals)
-    trained, info = fit_aps(sampler, train_meas, steps=cfg.aps_steps, batch_size=cfg.aps_batch,
-                            learning_rate=cfg.aps_lr, seed=cfg.seed, stages=stages, stage=stage,
-                            progress=cfg.aps_steps >= 50)
-    return trained, info, train_meas
+    return train_aps(cfg, make_aps(cfg, manifold, prior, op, gauss), signals, stages, stage)
 
 
 def evaluate(task, trained, info, op, truth, manifold, cfg, *, key, refs, meas=None):
