@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export GEODIFF_CACHE := $(CURDIR)/.cache/geodiff
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test priors benchmarks clean-cache
+.PHONY: setup demo test priors benchmarks benchmarks-full clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ benchmarks: setup
 	for s in $(QUICK); do $(BIN)/python benchmarks/$$s.py --quick --out outputs/$$s-quick || exit 1; done
 	$(BIN)/python benchmarks/summarize.py $(addprefix outputs/,$(addsuffix -quick,$(QUICK))) \
 		--json outputs/targets-quick.json
+
+# full mode (≈ 15 h on 2 CPU cores; every stage is cached, so an interrupted run resumes where it
+# stopped): each full prior, then the scripts that use it, then the table of targets
+benchmarks-full: setup
+	$(BIN)/python benchmarks/train_priors.py --dataset mnist
+	$(BIN)/python benchmarks/image_inverse.py --out outputs/image_inverse-full
+	$(BIN)/python benchmarks/train_priors.py --dataset bunny
+	$(BIN)/python benchmarks/bunny_mnist_inpainting.py --out outputs/bunny_mnist_inpainting-full
+	$(BIN)/python benchmarks/train_priors.py --dataset era5
+	$(BIN)/python benchmarks/era5_imputation.py --out outputs/era5_imputation-full
+	$(BIN)/python benchmarks/generalization.py --out outputs/generalization-full
+	$(BIN)/python benchmarks/summarize.py $(addprefix outputs/,$(addsuffix -full,$(QUICK))) \
+		--json outputs/targets-full.json
 
 priors: setup
 	$(BIN)/python benchmarks/train_priors.py --dataset all --quick --out outputs/priors
