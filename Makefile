@@ -45,7 +45,7 @@ priors: setup
 	$(BIN)/python benchmarks/train_priors.py --dataset all --quick --out outputs/priors
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean-cache:
 	rm -rf .cache
