@@ -98,13 +98,20 @@ def write_outputs(out: Path, result: dict, title: str, *, notes: str = "", extra
 # ---------------------------------------------------------------------------------- stages
 class Stages:
     """Resumable cached stages of a full-mode run: ``$GEODIFF_CACHE/bench/<name>-<hash>/``, the
-    hash taken over the config, so a changed setting starts afresh. A stage's result is a dict of
-    arrays plus a JSON-able dict, written atomically; a rerun loads finished stages instead of
-    computing them. ``enabled=False`` (smoke and quick modes) computes everything every time."""
+    hash taken over the config and the bytes of the files in ``depends`` (the prior checkpoints),
+    so a changed setting or a retrained prior starts afresh. A stage's result is a dict of arrays
+    plus a JSON-able dict, written atomically; a rerun loads finished stages instead of computing
+    them. ``enabled=False`` (smoke and quick modes) computes everything every time."""
 
-    def __init__(self, name: str, cfg, *, enabled: bool, fresh: bool = False):
-        digest = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True,
-                                         default=str).encode()).hexdigest()[:10]
+    def __init__(self, name: str, cfg, *, enabled: bool, fresh: bool = False, depends=()):
+        h = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+        for path in depends if enabled else ():
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"depends: {path} is not a file (stages are keyed by the "
+                                        f"content of the priors they use)")
+            h.update(hashlib.sha1(path.read_bytes()).digest())
+        digest = h.hexdigest()[:10]
         self.enabled = enabled
         self.dir = cache_dir("bench") / f"{name}-{digest}" if enabled else None
         if fresh and self.dir is not None and self.dir.exists():

@@ -61,13 +61,14 @@ MODES = {
 
 
 def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> dict:
-    from train_priors import train_or_load
+    from train_priors import prior_path, train_or_load
 
     out.mkdir(parents=True, exist_ok=True)
     mesh = Mesh.bunny(3)
-    stages = Stages("bunny_mnist_inpainting", cfg, enabled=cfg.prior_mode == "full", fresh=fresh)
     prior, _, _, _ = train_or_load("bunny", cfg.prior_mode, seed=cfg.seed, progress=False,
                                    t0=cfg.prior_t0)
+    stages = Stages("bunny_mnist_inpainting", cfg, enabled=cfg.prior_mode == "full", fresh=fresh,
+                    depends=[prior_path("bunny", cfg.prior_mode, cfg.prior_t0)])
     train, test_all = bunny_mnist("train", mesh=mesh), bunny_mnist("test", mesh=mesh)
     test, val = test_all[: cfg.n_test], test_all[len(test_all) - cfg.n_tune:]
     gauss = gaussian_fit(train, rank=cfg.rank)

@@ -74,11 +74,10 @@ MODES = {
 
 def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> dict:
     """Build the data, measure, reconstruct, score; write JSON, Markdown and a globe plot."""
-    from train_priors import train_or_load
+    from train_priors import prior_path, train_or_load
 
     out.mkdir(parents=True, exist_ok=True)
     sphere = Sphere.latlon(46, 90)
-    stages = Stages("era5_imputation", cfg, enabled=cfg.prior_mode == "full", fresh=fresh)
     t0 = time.perf_counter()
     train = era5_like(cfg.seed, cfg.n_train)
     truth, info = glosea4_split("test")[: cfg.n_test], glosea4_split_info("test")[: cfg.n_test]
@@ -89,6 +88,8 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     fit_s = time.perf_counter() - t0
     prior, _, _, _ = train_or_load("era5", cfg.prior_mode, seed=cfg.seed, progress=False,
                                    t0=cfg.prior_t0)
+    stages = Stages("era5_imputation", cfg, enabled=cfg.prior_mode == "full", fresh=fresh,
+                    depends=[prior_path("era5", cfg.prior_mode, cfg.prior_t0)])
     op = RandomMask(cfg.ratio, cfg.sigma).on(sphere)
     rows, est, std, trained, meas = compare(
         TASK, cfg, manifold=sphere, prior=prior, op=op, test=truth,

@@ -92,12 +92,8 @@ def evaluate(task, trained, info, op, truth, manifold, cfg, *, key, refs, meas=N
     return rows, est, std, meas
 
 
-def run_digits(cfg, stages):
-    from train_priors import train_or_load
-
+def run_digits(cfg, prior, stages):
     grid = Grid(32, 32)
-    prior, _, _, _ = train_or_load("mnist", cfg.mnist_prior, seed=cfg.seed, progress=False,
-                                   t0=cfg.prior_t0)
     train = mnist32("train")
     gauss = gaussian_fit(train, rank=cfg.rank)
     op = Denoise(0.1).on(grid)
@@ -123,12 +119,8 @@ def run_digits(cfg, stages):
     return rows, grid, shown, trained
 
 
-def run_blind(cfg, stages):
-    from train_priors import train_or_load
-
+def run_blind(cfg, prior, stages):
     sphere = Sphere.latlon(46, 90)
-    prior, _, _, _ = train_or_load("era5", cfg.era5_prior, seed=cfg.seed, progress=False,
-                                   t0=cfg.prior_t0)
     gauss = gaussian_fit(era5_like(cfg.seed, cfg.n_era5_train), rank=cfg.rank)
     blind_op = RandomMask(cfg.blind, 0.05).on(sphere)
     trained, info, _ = train_sampler(cfg, sphere, prior, blind_op, gauss,
@@ -191,10 +183,16 @@ def blind_figure(sphere, shown, path):
 
 
 def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> dict:
+    from train_priors import prior_path, train_or_load
+
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages("generalization", cfg, enabled=cfg.mnist_prior == "full", fresh=fresh)
-    rows_d, grid, shown_d, digits_sampler = run_digits(cfg, stages)
-    rows_b, sphere, shown_b, blind_sampler = run_blind(cfg, stages)
+    priors = {ds: train_or_load(ds, mode, seed=cfg.seed, progress=False, t0=cfg.prior_t0)[0]
+              for ds, mode in (("mnist", cfg.mnist_prior), ("era5", cfg.era5_prior))}
+    stages = Stages("generalization", cfg, enabled=cfg.mnist_prior == "full", fresh=fresh,
+                    depends=[prior_path("mnist", cfg.mnist_prior, cfg.prior_t0),
+                             prior_path("era5", cfg.era5_prior, cfg.prior_t0)])
+    rows_d, grid, shown_d, digits_sampler = run_digits(cfg, priors["mnist"], stages)
+    rows_b, sphere, shown_b, blind_sampler = run_blind(cfg, priors["era5"], stages)
     rows = rows_d + rows_b
     if save_sampler is not None:
         path = Path(save_sampler)

@@ -67,13 +67,14 @@ def operators(grid: Grid) -> dict:
 
 
 def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> dict:
-    from train_priors import train_or_load
+    from train_priors import prior_path, train_or_load
 
     out.mkdir(parents=True, exist_ok=True)
     grid = Grid(32, 32)
-    stages = Stages("image_inverse", cfg, enabled=cfg.prior_mode == "full", fresh=fresh)
     prior, _, _, _ = train_or_load("mnist", cfg.prior_mode, seed=cfg.seed, progress=False,
                                    t0=cfg.prior_t0)
+    stages = Stages("image_inverse", cfg, enabled=cfg.prior_mode == "full", fresh=fresh,
+                    depends=[prior_path("mnist", cfg.prior_mode, cfg.prior_t0)])
     train = mnist32("train")
     test_all = mnist32("test")
     test, val = test_all[: cfg.n_test], test_all[len(test_all) - cfg.n_tune:]

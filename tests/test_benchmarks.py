@@ -235,3 +235,26 @@ def test_stages_cache_resume_and_fresh(tmp_path, monkeypatch):
     common.Stages("demo", cfg, enabled=False).run("Kriging", stage)                     # quick/smoke
     assert len(calls) == 4
     assert not list((tmp_path / "cache").rglob("*.tmp*"))                             # atomic writes
+
+
+def test_stages_are_keyed_by_the_prior_files(tmp_path, monkeypatch):
+    """A retrained prior (other bytes in a ``depends`` file) must not reuse the old stages."""
+    monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path / "cache"))
+    common = load_script("_common")
+    calls = []
+
+    def stage():
+        calls.append(1)
+        return {"est": np.zeros(2)}, {}
+
+    prior = tmp_path / "prior.npz"
+    prior.write_bytes(b"weights v1")
+    cfg = common.Settings(seed=0)
+    common.Stages("demo", cfg, enabled=True, depends=[prior]).run("DPS", stage)
+    common.Stages("demo", cfg, enabled=True, depends=[prior]).run("DPS", stage)      # same prior
+    assert len(calls) == 1
+    prior.write_bytes(b"weights v2")                                                 # retrained
+    common.Stages("demo", cfg, enabled=True, depends=[prior]).run("DPS", stage)
+    assert len(calls) == 2
+    with pytest.raises(FileNotFoundError, match="depends"):
+        common.Stages("demo", cfg, enabled=True, depends=[tmp_path / "missing.npz"])
