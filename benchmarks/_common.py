@@ -416,9 +416,13 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
 
     sampler = make_aps(s, manifold, prior, op if aps_op is None else aps_op, gauss)
     trained, info, _ = train_aps(s, sampler, train, stages, f"{key}-APS")
-    aps, mean_, std, x1 = aps_rows(task, trained, info, meas, test, manifold, seed=s.seed,
-                                   repeats=s.repeats, dps_time=dps_time)
-    rows.extend(aps)
+    def go():
+        aps, mean_, std, x1 = aps_rows(task, trained, info, meas, test, manifold, seed=s.seed,
+                                       repeats=s.repeats, dps_time=dps_time)
+        return {"mean": mean_, "std": std, "x1": x1}, {"rows": aps}
+    arrays, aps = stages.run(f"{key}-APS-rows", go)
+    rows.extend(aps["rows"])
+    mean_, std, x1 = arrays["mean"], arrays["std"], arrays["x1"]
     est["APS(1)"], est["APS(128)"] = x1, mean_
     if s.fpy_n > 0:
         def go():
@@ -429,4 +433,5 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         arrays, row = stages.run(f"{key}-FlowPerY", go)
         rows.append(row)
         est["FlowPerY"] = arrays["est"]
+    print(markdown_table(rows))
     return rows, est, std, trained, meas

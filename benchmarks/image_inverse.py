@@ -79,8 +79,13 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     test_all = mnist32("test")
     test, val = test_all[: cfg.n_test], test_all[len(test_all) - cfg.n_tune:]
     gauss = gaussian_fit(train, rank=cfg.rank)
+    info = meta(cfg.seed, DATA_SOURCE, cfg, prior=f"benchmarks/train_priors.py --dataset mnist "
+                f"({cfg.prior_mode})", blur_std_px=BLUR_WIDTH * 32,
+                units={"psnr": "dB, data range 1", "sigma": "grey levels in [0, 1]"})
+    title = "Grid inverse problems (MNIST 32×32 standing in for CelebA)"
+    notes = "DPS: one sample per measurement, ζ tuned on validation digits."
     rows, samplers = [], {}
-    for name in cfg.tasks:
+    for i, name in enumerate(cfg.tasks):
         task, op = operators(grid)[name]
         print(f"--- {task}")
         r, est, std, trained, meas = compare(task, cfg, manifold=grid, prior=prior, op=op, test=test,
@@ -89,18 +94,17 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
         rows.extend(r)
         samplers[name] = trained
         figure(grid, op, test, meas, est, std, out / f"{name}.png", task)
+        if i + 1 < len(cfg.tasks):          # a long run shows its finished tasks as it goes
+            write_outputs(out, {"meta": info | {"partial": f"{i + 1} of {len(cfg.tasks)} tasks"},
+                                "rows": rows}, title, notes=notes)
     if save_sampler is not None:
         for name, trained in samplers.items():
             path = Path(save_sampler)
             path = path if len(samplers) == 1 else path.with_name(f"{path.stem}-{name}{path.suffix}")
             trained.save(path)
             print(f"saved the {name} sampler to {path}")
-    result = {"meta": meta(cfg.seed, DATA_SOURCE, cfg, prior=f"benchmarks/train_priors.py --dataset "
-                           f"mnist ({cfg.prior_mode})", blur_std_px=BLUR_WIDTH * 32,
-                           units={"psnr": "dB, data range 1", "sigma": "grey levels in [0, 1]"}),
-              "rows": rows}
-    table = write_outputs(out, result, "Grid inverse problems (MNIST 32×32 standing in for CelebA)",
-                          notes="DPS: one sample per measurement, ζ tuned on validation digits.")
+    result = {"meta": info, "rows": rows}
+    table = write_outputs(out, result, title, notes=notes)
     print(table)
     return result
 
