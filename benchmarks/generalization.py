@@ -70,12 +70,6 @@ MODES = {
 }
 
 
-def train_sampler(cfg, manifold, prior, op, gauss, signals, stages, stage):
-    """An APS with the Gaussian fit as surrogate, trained on measurements of ``signals`` (key
-    seed + 101); returns (trained sampler, fit info, training measurements)."""
-    return train_aps(cfg, make_aps(cfg, manifold, prior, op, gauss), signals, stages, stage)
-
-
 def evaluate(task, trained, info, op, truth, manifold, cfg, *, key, refs, meas=None):
     """APS(1)/APS(128) and the reference rows on ``meas`` (default: fresh measurements of
     ``truth`` with PRNG key ``key``)."""
@@ -98,7 +92,8 @@ def run_digits(cfg, prior, stages):
     gauss = gaussian_fit(train, rank=cfg.rank)
     op = Denoise(0.1).on(grid)
     seen = train[: cfg.aps_train]
-    trained, info, train_meas = train_sampler(cfg, grid, prior, op, gauss, seen, stages, "digits-APS")
+    trained, info, train_meas = train_aps(cfg, make_aps(cfg, grid, prior, op, gauss), seen, stages,
+                                          "digits-APS")
     mean, factor, nugget = gauss
 
     def refs(op, meas):
@@ -123,8 +118,8 @@ def run_blind(cfg, prior, stages):
     sphere = Sphere.latlon(46, 90)
     gauss = gaussian_fit(era5_like(cfg.seed, cfg.n_era5_train), rank=cfg.rank)
     blind_op = RandomMask(cfg.blind, 0.05).on(sphere)
-    trained, info, _ = train_sampler(cfg, sphere, prior, blind_op, gauss,
-                                     era5_like(cfg.seed + 100, cfg.aps_train), stages, "blind-APS")
+    trained, info, _ = train_aps(cfg, make_aps(cfg, sphere, prior, blind_op, gauss),
+                                 era5_like(cfg.seed + 100, cfg.aps_train), stages, "blind-APS")
     mean, factor, nugget = gauss
 
     def refs(op, meas):

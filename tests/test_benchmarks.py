@@ -215,15 +215,20 @@ def test_summarize_checks_targets(tmp_path):
     assert out.name == "a-globe--.png" and Image.open(out).size == (150, 50)
 
 
-def test_stages_cache_resume_and_fresh(tmp_path, monkeypatch):
-    """Full-mode stages: computed once, loaded on the next run, keyed by the config, --fresh drops them."""
+def counting_stage(tmp_path, monkeypatch):
+    """(the _common module on a fresh cache, the list of calls, a stage function that counts them)."""
     monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path / "cache"))
-    common = load_script("_common")
     calls = []
 
     def stage():
         calls.append(1)
         return {"est": np.arange(6.0).reshape(2, 3)}, {"psnr": 30.0}
+    return load_script("_common"), calls, stage
+
+
+def test_stages_cache_resume_and_fresh(tmp_path, monkeypatch):
+    """Full-mode stages: computed once, loaded on the next run, keyed by the config, --fresh drops them."""
+    common, calls, stage = counting_stage(tmp_path, monkeypatch)
 
     cfg = common.Settings(seed=0)
     first = common.Stages("demo", cfg, enabled=True).run("Kriging", stage)
@@ -239,13 +244,7 @@ def test_stages_cache_resume_and_fresh(tmp_path, monkeypatch):
 
 def test_stages_are_keyed_by_the_prior_files(tmp_path, monkeypatch):
     """A retrained prior (other bytes in a ``depends`` file) must not reuse the old stages."""
-    monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path / "cache"))
-    common = load_script("_common")
-    calls = []
-
-    def stage():
-        calls.append(1)
-        return {"est": np.zeros(2)}, {}
+    common, calls, stage = counting_stage(tmp_path, monkeypatch)
 
     prior = tmp_path / "prior.npz"
     prior.write_bytes(b"weights v1")
