@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg as spla
 
-from geodiff.amortized.surrogate import gaussian_fit  # noqa: F401  (re-exported)
 from geodiff.manifolds import Manifold
 from geodiff.operators import Denoise, LinearOperator, Measurement, RandomMask
 
@@ -36,7 +35,7 @@ def kriging(operator: LinearOperator, measurement: Measurement, *, mean, cov_fac
         operator: a linear operator from :mod:`geodiff.operators`.
         measurement: its measurement, ``y`` (..., Vy, C).
         mean: prior mean, scalar or (V, C).
-        cov_factor: F, (D, R) on the flattened (V, C) signal (see :func:`gaussian_fit`).
+        cov_factor: F, (D, R) on the flattened (V, C) signal (see :func:`geodiff.amortized.gaussian_fit`).
         nugget: diagonal remainder, scalar or (V, C), ≥ 0.
 
     Returns:
