@@ -176,6 +176,7 @@ def fit_aps(sampler, train_meas, *, steps: int, batch_size: int, learning_rate: 
     interrupted run resumes at its last checkpoint, and keeps the finished sampler as a stage.
     Returns (trained sampler, info with training_s, step_s, base_s, loss start/end)."""
     from geodiff import AmortizedSampler
+    from geodiff.train import CHECKPOINT_NAME
 
     done = stages.path(f"{stage}-sampler.npz")
     info_path = stages.path(f"{stage}-sampler.json")
@@ -183,12 +184,15 @@ def fit_aps(sampler, train_meas, *, steps: int, batch_size: int, learning_rate: 
         print(f"[stage {stage}] loaded the trained sampler from {done}")
         return AmortizedSampler.load(done), json.loads(info_path.read_text())
     ckpt = stages.path(f"{stage}-ckpt")
+    resumed = ckpt is not None and (ckpt / CHECKPOINT_NAME).exists()
     t0 = time.perf_counter()
     trained, hist = sampler.fit(jax.random.key(seed + 102), train_meas, steps=steps,
                                 batch_size=batch_size, learning_rate=learning_rate,
                                 checkpoint_dir=ckpt, progress=progress)
     train_s = time.perf_counter() - t0
-    info = {"training_s": train_s, "steps": steps, "batch_size": batch_size,
+    if resumed:   # the history's clock runs on across resumes; the wall clock saw only this part
+        train_s = hist["base_s"] + hist["time"][-1]
+    info = {"training_s": train_s, "resumed": resumed, "steps": steps, "batch_size": batch_size,
             "learning_rate": learning_rate, "step_s": hist["step_s"], "base_s": hist["base_s"],
             "loss_first": float(hist["loss"][0]), "loss_last": float(hist["loss"][-1]),
             "train_measurements": int(train_meas.y.shape[0])}
@@ -231,9 +235,11 @@ def run_flow_per_y(task, sampler, meas, truth, manifold, *, n_eval: int, steps: 
     ``n_eval`` test measurements; time per sample = (training + 128 draws) / 128 per measurement."""
     from geodiff.baselines import flow_per_y
 
+    from tqdm.auto import tqdm
+
     n_eval = min(n_eval, len(truth))
     means, draws, secs = [], [], []
-    for i in range(n_eval):
+    for i in tqdm(range(n_eval), desc=f"FlowPerY ({steps} steps each)", unit="y", disable=n_eval < 2):
         t0 = time.perf_counter()
         xs, _, _ = flow_per_y(jax.random.key(seed + 200 + i), sampler, meas[i], n=128, steps=steps,
                               batch_size=batch_size, learning_rate=learning_rate,
@@ -339,6 +345,7 @@ def make_aps(s: Settings, manifold, prior, op, gauss):
     """An untrained APS for ``op`` with the Gaussian fit ``gauss`` = (mean, factor, nugget) as its
     surrogate and the flow sizes of ``s``."""
     from geodiff import AmortizedSampler
+    from geodiff.train import CHECKPOINT_NAME
     from geodiff.amortized import GaussianSurrogate
 
     sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))

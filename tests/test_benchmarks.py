@@ -257,3 +257,37 @@ def test_stages_are_keyed_by_the_prior_files(tmp_path, monkeypatch):
     assert len(calls) == 2
     with pytest.raises(FileNotFoundError, match="depends"):
         common.Stages("demo", cfg, enabled=True, depends=[tmp_path / "missing.npz"])
+
+
+def test_fit_aps_counts_the_training_time_before_a_resume(tmp_path, monkeypatch):
+    """An interrupted APS fit resumed by the next run reports the whole training time (the history
+    clock, which runs on across resumes), not only the wall time of the resumed part."""
+    import jax
+
+    from geodiff import AmortizedSampler, GaussianPrior, Grid
+    from geodiff.operators import RandomMask
+    from geodiff.train import load_checkpoint
+
+    monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path / "cache"))
+    common = load_script("_common")
+    grid = Grid(4, 5)
+    prior = GaussianPrior.matern(grid, variance=0.05, length_scale=0.3, mean=0.4, nugget=1e-3)
+    s = AmortizedSampler(grid, prior, RandomMask(0.5, 0.05), prior_term="exact", surrogate_rank=8,
+                         n_steps=2, hidden=16, n_eig=8)
+    train = s.operator.measure(jax.random.key(1), prior.sample(jax.random.key(2), 64))
+    kw = dict(steps=12, batch_size=8, learning_rate=1e-3, seed=0, progress=False)
+
+    fresh, info = common.fit_aps(s, train, stages=common.Stages("a", common.Settings(seed=0), enabled=True),
+                                 **kw)
+    assert not info["resumed"] and info["training_s"] > info["base_s"] > 0
+
+    stages = common.Stages("b", common.Settings(seed=0), enabled=True)
+    s.fit(jax.random.key(102), train, steps=6, batch_size=8, learning_rate=1e-3, progress=False,
+          checkpoint_dir=stages.path("aps-ckpt"))                         # the interrupted run
+    first = load_checkpoint(stages.path("aps-ckpt"))["history"]["time"][-1]
+    resumed, info = common.fit_aps(s, train, stages=stages, **kw)
+    total = load_checkpoint(stages.path("aps-ckpt"))["history"]["time"][-1]
+    assert info["resumed"] and total > first > 0
+    assert info["training_s"] == pytest.approx(info["base_s"] + total, rel=1e-12)
+    for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(a, b)                               # and resumes exactly
