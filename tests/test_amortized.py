@@ -8,7 +8,7 @@ import pytest
 from geodiff import (AmortizedSampler, ConditionalRealNVP, DiffusionPrior, GaussianMixturePrior,
                      GaussianPrior, GaussianSurrogate, Grid, Sphere)
 from geodiff.amortized.surrogate import (base_forward, base_inverse, base_params, dense_posterior,
-                                         selection_gram, solver_kind)
+                                         selection_shared, solver_kind)
 from geodiff.diffusion.prior import NetConfig
 from geodiff.operators import Blur, Denoise, RandomMask, SuperResolution
 
@@ -151,7 +151,7 @@ def test_log_prob_is_the_change_of_variables(x64, grid, gprior, key):
     f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
                                  if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a, t)
     s.surrogate, s.params, s._consts = f64(s.surrogate), f64(s.params), f64(s._consts)
-    s._shared = selection_gram(s.surrogate)
+    s._shared = selection_shared(s.operator, s.surrogate)
     m = s.operator.measure(jax.random.key(1), gprior.sample(jax.random.key(2), 1))[0]
     frozen = s._frozen()
     mb = jax.tree.map(lambda a: a[None], m)
@@ -349,3 +349,25 @@ def test_flow_per_y_fits_one_measurement(grid, gprior, key):
     assert err(x) < 0.6 * before, (before, err(x))
     with pytest.raises(ValueError, match="batch shape"):
         flow_per_y(key, s, s.operator.measure(key, gprior.sample(key, 2)), steps=1)
+
+
+def test_denoise_base_is_factored_once_and_equals_the_per_measurement_solve(grid, gprior, key):
+    """Denoise observes every entry, so the covariance factor is shared (computed once); the bases
+    it gives equal the full per-measurement solve. A RandomMask keeps its per-measurement solve."""
+    from geodiff.amortized.surrogate import _selection_one
+
+    sur = exact_surrogate(gprior)
+    assert selection_shared(RandomMask(0.5, 0.1).on(grid), sur)["fixed"] is None
+    op = Denoise(0.1).on(grid)
+    shared = selection_shared(op, sur)
+    assert shared["fixed"] is not None
+    m = op.measure(key, gprior.sample(jax.random.key(1), 5))
+    b = base_params(op, m, sur, shared=shared)
+    assert b["m0"].shape == (5, 20, 1) and b["W"].shape == (5, 20, 20)
+    for i in range(5):
+        bi = _selection_one(sur, shared["gram"], m.y[i], m.mask[i], sigma=0.1)
+        for k in ("m0", "r", "a", "s2", "logdet"):
+            np.testing.assert_allclose(b[k][i], bi[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose((b["W"][i] * b["s2"][i]) @ b["W"][i].T, (bi["W"] * bi["s2"]) @ bi["W"].T,
+                                   rtol=1e-4, atol=1e-5)
+    assert not np.allclose(b["m0"][0], b["m0"][1])          # the means do follow y

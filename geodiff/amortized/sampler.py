@@ -35,7 +35,7 @@ from flax import nnx
 from geodiff._cache import atomic_savez
 from geodiff.amortized import io as _io
 from geodiff.amortized.surrogate import (GaussianSurrogate, base_forward, base_inverse, base_params,
-                                         dense_posterior, selection_gram, solver_kind)
+                                         dense_posterior, selection_shared, solver_kind)
 from geodiff.diffusion.base import Prior
 from geodiff.diffusion.prior import _flatten, _key, _unflatten
 from geodiff.flows import ConditionalRealNVP
@@ -169,7 +169,7 @@ class AmortizedSampler:
             self._shared = dense_posterior(operator, operator.measure(jax.random.key(0), zero),
                                            surrogate)
         else:
-            self._shared = selection_gram(surrogate)
+            self._shared = selection_shared(operator, surrogate)
         # a template measurement: the structure and per-example shapes every input must have
         self._template = jax.eval_shape(lambda k: operator.measure(k, jnp.zeros((V, C))),
                                         jax.random.key(0))

@@ -15,7 +15,8 @@ Two exact solvers, chosen by the operator:
   ``K^{-1/2}`` with the right ``Z Zᵀ`` will do, and a Cholesky factor is used). The symmetric
   root ``S = (I + Z Zᵀ)^{1/2} = I + Z Q diag(c) Qᵀ Zᵀ`` comes from the eigenpairs ``(Q, s²)`` of
   ``ZᵀZ`` (R×R), so each measurement costs O(D R² + R³) once and O(D R) per draw, and stores one
-  R×R matrix.
+  R×R matrix. For Denoise the mask is all ones in every measurement, so that factor is computed
+  once per sampler (:func:`selection_shared`) and a measurement costs only its mean, O(D R).
 * **dense** (:class:`~geodiff.operators.Blur`, :class:`~geodiff.operators.SuperResolution`): A does
   not change between measurements, so Σ and its Cholesky factor are computed once (D × D; fine up
   to a few thousand entries) and only m₀ depends on y.
@@ -164,10 +165,34 @@ def _selection_one(sur: GaussianSurrogate, gram, y, mask, *, sigma: float):
     W = jax.scipy.linalg.solve_triangular(lk.T, q, lower=False)           # Z Q = diag(a) F W
     base = {"r": r, "a": a, "W": W, "s2": s2,
             "logdet": jnp.sum(jnp.log(r)) + 0.5 * jnp.sum(jnp.log1p(s2))}
-    # m0 = μ + Σ w (y − μ) with Σ v = L Lᵀ v
+    return {**base, "m0": _selection_mean(sur, base, y, mask, sigma=sigma)}
+
+
+def _selection_mean(sur: GaussianSurrogate, base: dict, y, mask, *, sigma: float):
+    """m₀ = μ + Σ w (y − μ) with Σ v = L Lᵀ v, w = mask/σ²; y (V, C), mask (V, 1)."""
+    V, C = sur.mean.shape
+    F = sur.factor
+    w = jnp.broadcast_to(mask, (V, C)).reshape(-1).astype(F.dtype) / sigma**2
     resid = (w * (y - jnp.where(mask, sur.mean, 0.0)).reshape(-1))
     m0 = sur.mean.reshape(-1) + _sel_apply(F, base, _sel_apply_t(F, base, resid))
-    return {**base, "m0": m0.reshape(V, C)}
+    return m0.reshape(V, C)
+
+
+def selection_shared(operator: LinearOperator, sur: GaussianSurrogate) -> dict:
+    """What the selection solver computes once per sampler: ``gram`` (:func:`selection_gram`) and
+    ``fixed``. For :class:`Denoise` every entry is observed in every measurement, so the
+    posterior covariance factor (``r``, ``a``, ``W``, ``s2``, ``logdet``) does not depend on y:
+    ``fixed`` holds it and each measurement then costs only its mean, O(D R), instead of a
+    Cholesky factorization and an R×R eigensolver. For :class:`RandomMask` (a mask per
+    measurement) ``fixed`` is None."""
+    gram = selection_gram(sur)
+    fixed = None
+    if isinstance(operator, Denoise):
+        V, C = sur.mean.shape
+        one = _selection_one(sur, gram, jnp.zeros((V, C), sur.factor.dtype), jnp.ones((V, 1), bool),
+                             sigma=float(operator.sigma))
+        fixed = {k: v for k, v in one.items() if k != "m0"}
+    return {"gram": gram, "fixed": fixed}
 
 
 def _sel_sym(F, b, v, inverse: bool):
@@ -243,7 +268,7 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
         measurements: a :class:`Measurement` with batch shape (N,).
         sur: the prior's Gaussian surrogate.
         shared: for the dense solver, the output of :func:`dense_posterior`; for the selection
-            solver, :func:`selection_gram` (computed if None).
+            solver, that of :func:`selection_shared` (computed if None).
         chunk: measurements per vectorized call (bounds memory).
 
     Returns:
@@ -260,6 +285,12 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
         resid = measurements.y - operator.forward(jnp.broadcast_to(sur.mean, (N, V, C)), measurements)
         m0 = sur.mean + (resid.reshape(N, -1) @ gain.T).reshape(N, V, C)
         return {"m0": m0}
+    shared = selection_shared(operator, sur) if shared is None else shared
+    if shared["fixed"] is not None:                    # Denoise: only the mean depends on y
+        fixed = shared["fixed"]
+        one = functools.partial(_selection_mean, sur, fixed, sigma=float(operator.sigma))
+        m0 = jax.vmap(one)(measurements.y, measurements.mask)
+        return {**jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *a.shape)), fixed), "m0": m0}
     # One sequential loop over equal chunks (N padded to a multiple of the chunk): independent
     # batched LAPACK calls dispatched side by side (a Python loop of chunks, or lax.map's
     # remainder next to its loop) were seen to deadlock XLA's CPU runtime.
@@ -268,8 +299,7 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
     pad = lambda a: jnp.concatenate([a, jnp.broadcast_to(a[:1], (n_pad - N, *a.shape[1:]))])  # noqa: E731
     ys = pad(measurements.y).reshape(n_pad // chunk, chunk, V, -1)
     masks = pad(measurements.mask).reshape(n_pad // chunk, chunk, V, 1)
-    gram = selection_gram(sur) if shared is None else shared
-    one = jax.vmap(functools.partial(_selection_one, sur, gram, sigma=float(operator.sigma)))
+    one = jax.vmap(functools.partial(_selection_one, sur, shared["gram"], sigma=float(operator.sigma)))
     out = jax.lax.map(lambda ym: one(*ym), (ys, masks))
     return jax.tree.map(lambda a: a.reshape(n_pad, *a.shape[2:])[:N], out)
 
