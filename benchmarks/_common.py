@@ -345,7 +345,6 @@ def make_aps(s: Settings, manifold, prior, op, gauss):
     """An untrained APS for ``op`` with the Gaussian fit ``gauss`` = (mean, factor, nugget) as its
     surrogate and the flow sizes of ``s``."""
     from geodiff import AmortizedSampler
-    from geodiff.train import CHECKPOINT_NAME
     from geodiff.amortized import GaussianSurrogate
 
     sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))

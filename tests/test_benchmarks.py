@@ -289,5 +289,6 @@ def test_fit_aps_counts_the_training_time_before_a_resume(tmp_path, monkeypatch)
     total = load_checkpoint(stages.path("aps-ckpt"))["history"]["time"][-1]
     assert info["resumed"] and total > first > 0
     assert info["training_s"] == pytest.approx(info["base_s"] + total, rel=1e-12)
+    assert info["training_s"] > first                                     # the first part counts
     for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)                               # and resumes exactly

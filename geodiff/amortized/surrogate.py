@@ -268,7 +268,9 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
         measurements: a :class:`Measurement` with batch shape (N,).
         sur: the prior's Gaussian surrogate.
         shared: for the dense solver, the output of :func:`dense_posterior`; for the selection
-            solver, that of :func:`selection_shared` (computed if None).
+            solver, that of :func:`selection_shared` (computed if None). With :class:`Denoise`
+            the covariance factor in it assumes every entry observed, as ``Denoise.measure``
+            makes them (``AmortizedSampler.check_measurement`` rejects other masks).
         chunk: measurements per vectorized call (bounds memory).
 
     Returns:
