@@ -15,7 +15,8 @@ If a candidate has a lower L than the trained APS, the optimizer or the flow fai
 if the trained APS has the lower L while being farther from the truth, the objective (the ELBO of
 this prior) prefers it. Also printed: PSNR of the candidates' means and 90% coverage.
 
-    python benchmarks/aps_objective_probe.py [--steps 300] [--local-hidden 32] [--json PATH]
+    python benchmarks/aps_objective_probe.py [--steps 300] [--local-hidden 32] [--encoder-width 32]
+                                             [--prior-mode full] [--json PATH]
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main(argv=None):
     p.add_argument("--n-t", type=int, default=16, help="ELBO draws per sample (even)")
     p.add_argument("--local-hidden", type=int, default=0,
                    help="per-vertex MLP width of the flow's conditioners (0: off, the default)")
+    p.add_argument("--encoder-width", type=int, default=0,
+                   help="width of the flow's condition encoder (0: none, the default)")
+    p.add_argument("--encoder-blocks", type=int, default=2, help="diffusion blocks of the encoder")
+    p.add_argument("--batch", type=int, default=16, help="measurements per optimizer step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -79,7 +84,8 @@ def main(argv=None):
     meas = op.measure(jax.random.key(args.seed), test)
     sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gaussian_fit(train, rank=256)))
     sampler = AmortizedSampler(grid, prior, op, surrogate=sur, n_t=2, seed=args.seed,
-                               local_hidden=args.local_hidden)
+                               local_hidden=args.local_hidden, encoder_width=args.encoder_width,
+                               encoder_blocks=args.encoder_blocks)
     train_meas = op.measure(jax.random.key(args.seed + 101), train[:500])
     key = jax.random.key(args.seed + 7)
     K = args.samples
@@ -88,7 +94,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         for steps in sorted(args.steps):          # one run, evaluated at each step count
             trained, hist = sampler.fit(jax.random.key(args.seed + 102), train_meas, steps=steps,
-                                        batch_size=16, progress=False, checkpoint_dir=ckpt,
+                                        batch_size=args.batch, progress=False, checkpoint_dir=ckpt,
                                         checkpoint_every=min(args.steps))
             print(f"APS: {steps} steps after {time.perf_counter() - t0:.0f} s, training loss "
                   f"{hist['loss'][-1]:.3f} nats/dim")

@@ -154,7 +154,8 @@ def digits_figure(grid, shown, path):
                           ("Kriging", est["Kriging"])):
             images.append(arr[0])
             titles.append(f"{label}: {name}" if name == "truth" else name)
-    fig = image_grid(grid, np.stack(images), None, titles=titles, ncols=6)
+    fig = image_grid(grid, np.stack(images), None, titles=titles, ncols=6,
+                     units="grey level (0 black, 1 white; APS std ×4)")
     fig.suptitle("One MNIST-trained denoising sampler (σ = 0.1) on three data sets")
     fig.savefig(path, dpi=110)
 

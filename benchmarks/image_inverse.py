@@ -132,7 +132,8 @@ def figure(grid, op, truth, meas, est, std, path, task, n_show: int = 4):
             else:                                              # FlowPerY ran on fewer digits
                 images.append(np.full_like(truth[i], np.nan))
             titles.append(name if i == 0 else "")
-    fig = image_grid(grid, np.stack(images), path, titles=titles, ncols=len(cols))
+    fig = image_grid(grid, np.stack(images), path, titles=titles, ncols=len(cols),
+                     units="grey level (0 black, 1 white; APS std ×4)")
     fig.suptitle(task)
     fig.savefig(path, dpi=110)
 

@@ -465,7 +465,7 @@ def mesh_render(mesh: Mesh, fields: Mapping[str, np.ndarray], path=None, *, unit
 
 # ------------------------------------------------------------------------------- image_grid
 def image_grid(grid: Grid, images, path=None, *, titles=None, cmap="gray", vmin: float = 0.0,
-               vmax: float = 1.0, ncols: int | None = None) -> Figure:
+               vmax: float = 1.0, ncols: int | None = None, units: str | None = None) -> Figure:
     """Images on a :class:`Grid` as a grid of tiles (no axes).
 
     Args:
@@ -479,17 +479,21 @@ def image_grid(grid: Grid, images, path=None, *, titles=None, cmap="gray", vmin:
         cmap: colour map of grey images.
         vmin, vmax: the value range shown.
         ncols: tiles per row (default: up to 8).
+        units: label of one colour bar for the grey tiles, which share [vmin, vmax] (None, the
+            default: no colour bar).
 
     Returns:
         The figure.
 
     Raises:
-        ValueError: images of the wrong shape, bad titles, vmax ≤ vmin.
+        ValueError: images of the wrong shape, bad titles, vmax ≤ vmin, units not a str.
     """
     if not isinstance(grid, Grid):
         raise ValueError(f"grid must be a geodiff.Grid, got {type(grid).__name__}")
     if not vmax > vmin:
         raise ValueError(f"vmax must be > vmin, got vmin={vmin!r}, vmax={vmax!r}")
+    if units is not None and not isinstance(units, str):
+        raise ValueError(f"units must be a str (the colour bar's label) or None, got {units!r}")
     V = grid.n_vertices
     if isinstance(images, Mapping):
         if not images:
@@ -516,12 +520,14 @@ def image_grid(grid: Grid, images, path=None, *, titles=None, cmap="gray", vmin:
     fig = Figure(figsize=(tile * nc, (tile + (0.3 if has_titles else 0.0)) * nrows),
                  layout="constrained")
     grey = _cmap(cmap, bad=_IMAGE_BAD_COLOR)
+    grey_axes, mappable = [], None
     for i, (a, head) in enumerate(zip(arrays, heads)):
         ax = fig.add_subplot(nrows, nc, i + 1)
         img = grid.to_layout(a)  # (H, W, C)
         if img.shape[-1] == 1:
-            ax.imshow(np.ma.masked_invalid(img[..., 0]), cmap=grey, vmin=vmin, vmax=vmax,
-                      interpolation="nearest")
+            mappable = ax.imshow(np.ma.masked_invalid(img[..., 0]), cmap=grey, vmin=vmin, vmax=vmax,
+                                 interpolation="nearest")
+            grey_axes.append(ax)
         else:
             rgb = np.clip((img - vmin) / (vmax - vmin), 0.0, 1.0)
             bad = ~np.all(np.isfinite(img), axis=-1)
@@ -530,5 +536,8 @@ def image_grid(grid: Grid, images, path=None, *, titles=None, cmap="gray", vmin:
         ax.set_axis_off()
         if head:
             ax.set_title(head, fontsize=9)
+    if units is not None and mappable is not None:
+        cb = fig.colorbar(mappable, ax=grey_axes, shrink=min(0.9, 0.35 * nrows + 0.2), pad=0.01)
+        cb.set_label(units, fontsize=9)
     _save(fig, path)
     return fig

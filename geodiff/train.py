@@ -101,7 +101,8 @@ class History(dict):
         n_bad: total skipped (non-finite) steps.
         compile_s: wall seconds of the first step of the latest call (includes JIT compilation).
         step_s: median wall seconds per step after the first one of the latest call (compilation
-            and checkpoint writes excluded; NaN if fewer than two steps ran).
+            and checkpoint writes excluded). If that call ran fewer than two steps (e.g. it found
+            a finished checkpoint), the value the checkpoint recorded; NaN if there is none.
     """
 
     def __getattr__(self, name):
@@ -546,6 +547,7 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
              "ema": put(params) if ema_decay is not None else None,
              "step": np.int32(0), "n_bad": np.int32(0), "bad_run": np.int32(0)}
     history = History(step=[], loss=[], grad_norm=[], time=[], **{k: [] for k in aux_names})
+    previous = {}        # timings of the call that wrote the checkpoint we resume from
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     if resume and ckpt is not None and ckpt.exists():
         meta, arrays = _read_checkpoint(ckpt)
@@ -577,6 +579,8 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
         for k, v in meta["history"].items():
             if isinstance(v, list):
                 history[k] = list(v)
+            elif k in ("compile_s", "step_s"):
+                previous[k] = v
     start = int(carry["step"])
     for k in ("step", "n_bad", "bad_run"):
         carry[k] = jax.device_put(carry[k], where)
@@ -593,6 +597,11 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
     time0 = history["time"][-1] if history["time"] else 0.0
     t_start = time.perf_counter()
     compile_s, step_times = None, []
+
+    def timings():
+        return {"compile_s": compile_s if compile_s is not None else previous.get("compile_s"),
+                "step_s": (statistics.median(step_times) if step_times
+                           else previous.get("step_s", math.nan))}
     n_bad = int(carry["n_bad"])
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="fit", unit="step",
                dynamic_ncols=True)
@@ -629,8 +638,7 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", bad=n_bad, refresh=False)
             too_bad = int(win["worst"]) >= max_bad_steps
             if save or too_bad:
-                history.update(n_bad=n_bad, compile_s=compile_s,
-                               step_s=statistics.median(step_times) if step_times else math.nan)
+                history.update(n_bad=n_bad, **timings())
                 if ckpt is not None:
                     _write_checkpoint(ckpt, carry, key, history, config)
             if too_bad:
@@ -644,8 +652,7 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
     finally:
         bar.close()
 
-    history.update(n_bad=n_bad, compile_s=compile_s,
-                   step_s=statistics.median(step_times) if step_times else math.nan)
+    history.update(n_bad=n_bad, **timings())
     state = TrainState(params=carry["params"], opt_state=carry["opt_state"],
                        step=int(jax.device_get(carry["step"])), ema=carry["ema"], n_bad=n_bad,
                        key=key)

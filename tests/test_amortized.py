@@ -141,11 +141,14 @@ def test_untrained_sampler_with_exact_surrogate_is_the_exact_posterior(x64, grid
     np.testing.assert_allclose(big.std(0), std[0], rtol=0.08)
 
 
-def test_log_prob_is_the_change_of_variables(x64, grid, gprior, key):
-    """With a non-identity flow: log q(x) = log N(z) − log|det ∂x/∂z| (dense Jacobian)."""
+@pytest.mark.parametrize("encoder_width", [0, 4])
+def test_log_prob_is_the_change_of_variables(x64, grid, gprior, key, encoder_width):
+    """With a non-identity flow: log q(x) = log N(z) − log|det ∂x/∂z| (dense Jacobian); with a
+    condition encoder too (log_prob encodes the condition once, G here inside every call)."""
     op = RandomMask(0.5, 0.1)
     s = AmortizedSampler(grid, gprior, op, prior_term="exact", surrogate_rank=8,
-                         surrogate=np.asarray(gprior.sample(key, 64)), n_steps=2, hidden=16, n_eig=8)
+                         surrogate=np.asarray(gprior.sample(key, 64)), n_steps=2, hidden=16, n_eig=8,
+                         encoder_width=encoder_width, encoder_blocks=1)
     s = perturbed(s)
     # everything in float64 (surrogate, flow parameters and geometry), so the check is tight
     f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64)  # noqa: E731
@@ -241,10 +244,11 @@ def test_save_load_round_trip(grid, gprior, key, tmp_path, which):
         prior = DiffusionPrior(grid, config=NetConfig(width=8, n_blocks=1, n_eig=8, n_pos=4, emb_dim=8),
                                params=None, data_mean=np.full((20, 1), 0.5), data_std=np.full((20, 1), 0.2))
         op = Denoise(0.1)
-    # the diffusion case brings its own flow (other widths, the per-vertex MLP, another log-scale
-    # bound): the file must rebuild that flow, not the constructor's defaults
+    # the diffusion case brings its own flow (other widths, the per-vertex MLP, a condition
+    # encoder, another log-scale bound): the file must rebuild that flow, not the defaults
     flow = (ConditionalRealNVP(grid, condition_channels=3, n_steps=2, hidden=8, n_eig=8, local_hidden=4,
-                               max_log_scale=1.5, seed=3) if which == "diffusion" else None)
+                               encoder_width=3, encoder_blocks=1, max_log_scale=1.5, seed=3)
+            if which == "diffusion" else None)
     s = perturbed(AmortizedSampler(grid, prior, op, surrogate=np.asarray(gprior.sample(key, 32)),
                                    surrogate_rank=8, n_steps=2, hidden=16, n_eig=8, flow=flow))
     path = s.save(tmp_path / "sampler.npz")
@@ -252,6 +256,7 @@ def test_save_load_round_trip(grid, gprior, key, tmp_path, which):
     assert t.flow_config == s.flow_config
     if which == "diffusion":
         assert s.flow_config["local_hidden"] == 4 and s.flow_config["hidden"] == 8
+        assert s.flow_config["encoder_width"] == 3 and s.flow_config["encoder_blocks"] == 1
     assert type(t.prior) is type(prior) and type(t.operator) is type(op)
     assert t.operator.sigma == op.sigma and t.manifold.n_vertices == 20
     m = s.operator.measure(jax.random.key(1), gprior.sample(jax.random.key(2), 2))

@@ -170,6 +170,13 @@ def test_image_grid_writes_png(tmp_path):
     assert [ax.get_title() for ax in fig.axes] == ["grey", "rgb"]
     plot.image_grid(grid, rng.random((5, 64, 1)), tmp_path / "stack.png", ncols=3)
     _png(tmp_path / "stack.png")
+    # one colour bar for all grey tiles, labelled with the units
+    fig = plot.image_grid(grid, rng.random((5, 64, 1)), tmp_path / "bar.png", ncols=3,
+                          units="grey level")
+    _png(tmp_path / "bar.png")
+    bars = [ax for ax in fig.axes if ax.get_ylabel() == "grey level"]
+    assert len(fig.axes) == 6 and len(bars) == 1
+    assert bars[0].get_ylim() == (0.0, 1.0)
 
 
 def test_image_grid_rejects_bad_shapes():
@@ -182,3 +189,5 @@ def test_image_grid_rejects_bad_shapes():
         plot.image_grid(grid, np.zeros((2, 64)))
     with pytest.raises(ValueError, match="titles"):
         plot.image_grid(grid, np.zeros((2, 64, 1)), titles=["only one"])
+    with pytest.raises(ValueError, match="units must be a str"):
+        plot.image_grid(grid, np.zeros((2, 64, 1)), units=1.0)

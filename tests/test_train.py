@@ -73,8 +73,11 @@ def test_resume_is_bitwise_identical(key, tmp_path):
     assert h_res["step"] == h_str["step"] == [5, 10, 15, 20]
     assert h_res["loss"] == h_str["loss"]
     # Already complete: returns the checkpoint without training.
-    again, _ = fit(key, _mse, _p0(), data, steps=20, checkpoint_dir=tmp_path, **kw)
+    again, h_again = fit(key, _mse, _p0(), data, steps=20, checkpoint_dir=tmp_path, **kw)
     assert again.step == 20 and _bitwise_equal(again.params, straight.params)
+    # no step ran: the timings are those the finished checkpoint recorded, not NaN
+    assert h_again["step_s"] == h_res["step_s"] > 0
+    assert h_again["compile_s"] == h_res["compile_s"] > 0
 
 
 def test_checkpoint_round_trips_exactly(key, tmp_path):

@@ -67,7 +67,8 @@ class AmortizedSampler:
             D ≤ 8192).
         flow: a :class:`~geodiff.ConditionalRealNVP` with ``channels=C`` and
             ``condition_channels=2C + 1`` on ``manifold``; None builds one from ``n_steps``,
-            ``conditioner``, ``hidden``, ``n_eig``, ``local_hidden`` and ``seed``.
+            ``conditioner``, ``hidden``, ``n_eig``, ``local_hidden``, ``encoder_width``,
+            ``encoder_blocks`` and ``seed``.
         prior_term: ``"elbo"`` (the method: the diffusion ELBO b(x) with ``n_t`` stratified
             draws) or ``"exact"`` (``prior.log_prob``, for analytic priors; for studies).
         surrogate: the Gaussian surrogate of the prior: a :class:`GaussianSurrogate`, or prior
@@ -80,7 +81,8 @@ class AmortizedSampler:
         antithetic: draw them as antithetic pairs (t, ±ε) (``n_t`` even), which cancels the
             gradient noise that is linear in ε (exactly so for Gaussian priors).
         prior_weight: λ, weight of the prior term (1 in the paper).
-        n_steps, conditioner, hidden, n_eig, local_hidden, seed: the default flow's settings
+        n_steps, conditioner, hidden, n_eig, local_hidden, encoder_width, encoder_blocks, seed:
+            the default flow's settings
             (see :class:`~geodiff.ConditionalRealNVP`); ``seed`` also draws the surrogate samples.
 
     Attributes:
@@ -96,7 +98,8 @@ class AmortizedSampler:
                  surrogate_samples: int = 2048, surrogate_rank: int = 256, n_t: int = 4,
                  antithetic: bool = True, prior_weight: float = 1.0, n_steps: int = 8,
                  conditioner: str = "spectral",
-                 hidden: int = 256, n_eig: int = 64, local_hidden: int = 0, seed: int = 0):
+                 hidden: int = 256, n_eig: int = 64, local_hidden: int = 0, encoder_width: int = 0,
+                 encoder_blocks: int = 2, seed: int = 0):
         if not isinstance(manifold, Manifold):
             raise TypeError(f"manifold must be a geodiff Manifold, got {type(manifold).__name__}")
         if not isinstance(prior, Prior):
@@ -152,7 +155,8 @@ class AmortizedSampler:
         if flow is None:
             flow = ConditionalRealNVP(manifold, channels=C, condition_channels=cc, n_steps=n_steps,
                                       conditioner=conditioner, hidden=hidden, n_eig=n_eig,
-                                      local_hidden=local_hidden, seed=seed)
+                                      local_hidden=local_hidden, encoder_width=encoder_width,
+                                      encoder_blocks=encoder_blocks, seed=seed)
         elif not isinstance(flow, ConditionalRealNVP):
             raise TypeError(f"flow must be a ConditionalRealNVP, got {type(flow).__name__}")
         if (flow.n_vertices, flow.channels, flow.condition_channels) != (V, C, cc):
@@ -337,7 +341,7 @@ class AmortizedSampler:
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
         z = jax.random.normal(key, (n * B, V, C))
         rep = lambda a: jnp.broadcast_to(a[None], (n, *a.shape)).reshape(n * B, *a.shape[1:])  # noqa: E731
-        u, _ = flow.forward(z, rep(c))
+        u, _ = flow.forward(z, rep(flow.encode(c)), encoded=True)   # the encoder once per y
         x, _ = base_forward(self.kind, frozen["sur"], frozen["shared"], jax.tree.map(rep, b), u)
         return x.reshape(n, B, V, C)
 
@@ -368,7 +372,7 @@ class AmortizedSampler:
         u, ld_base = base_inverse(self.kind, frozen["sur"], frozen["shared"], jax.tree.map(rep, b),
                                   x.reshape(S * B, V, C))
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
-        log_q = flow.log_prob(u, rep(c)) - ld_base
+        log_q = flow.log_prob(u, rep(flow.encode(c)), encoded=True) - ld_base
         return log_q.reshape(S, B)
 
     def log_prob(self, x, measurement: Measurement):
@@ -446,6 +450,8 @@ class AmortizedSampler:
                                           n_steps=fc["n_steps"], conditioner=fc["conditioner"],
                                           hidden=fc["hidden"], n_eig=fc["n_eig"],
                                           local_hidden=fc.get("local_hidden", 0),  # files before 0.3
+                                          encoder_width=fc.get("encoder_width", 0),  # older files: none
+                                          encoder_blocks=fc.get("encoder_blocks", 2),
                                           max_log_scale=fc["max_log_scale"], seed=fc["seed"]))
         flat = {tuple(_key(p) for p in k.split("/")[1:]): arrays[k] for k in arrays
                 if k.startswith("flow/")}

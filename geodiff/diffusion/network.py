@@ -102,11 +102,36 @@ def neighbour_mean(h, geo: NetGeometry):
     return acc
 
 
-class _Block(nnx.Module):
+def net_geometry(manifold, n_eig: int) -> tuple[NetGeometry, tuple[float, float]]:
+    """The :class:`NetGeometry` of a manifold with its first ``n_eig`` eigenpairs (capped at
+    ``manifold.max_eigenpairs``), and an initial range of diffusion times (0.1/λ_K, 2/λ_1) in
+    units of 1/eigenvalue: from below the finest mode to the coarsest."""
+    import numpy as np
+
+    k = min(n_eig, manifold.max_eigenpairs)
+    evals, evecs = manifold.eigenpairs(k)
+    nbr_index, nbr_weight = neighbour_table(manifold.laplacian, manifold.valid)
+    geo = NetGeometry(evecs=jnp.asarray(evecs, jnp.float32),
+                      proj=jnp.asarray((evecs * np.asarray(manifold.mass)[:, None]).T, jnp.float32),
+                      evals=jnp.asarray(evals, jnp.float32),
+                      valid=jnp.asarray(manifold.valid, jnp.float32),
+                      nbr_index=jnp.asarray(nbr_index), nbr_weight=jnp.asarray(nbr_weight))
+    lam1, lamk = max(float(evals[1]) if k > 1 else 1.0, 1e-6), max(float(evals[-1]), 1e-6)
+    return geo, (0.1 / lamk, 2.0 / lam1)
+
+
+class DiffusionBlock(nnx.Module):
+    """h ← h + MLP([h, Φ e^{−Λτ} Φᵀ M h, 1-ring mean(h) − h]), per vertex, (B, V, W) → (B, V, W).
+
+    ``emb`` > 0 adds FiLM by an embedding (B, E) (the noise level in the score network); with
+    ``emb=0`` the block takes none (``emb=None`` in the call).
+    """
+
     def __init__(self, width: int, emb: int, tau_range: tuple[float, float], *, rngs: nnx.Rngs):
         lo, hi = tau_range
         self.log_tau = nnx.Param(jnp.linspace(math.log(lo), math.log(hi), width))
-        self.film = nnx.Linear(emb, 2 * width, rngs=rngs, kernel_init=nnx.initializers.zeros)
+        self.film = (nnx.Linear(emb, 2 * width, rngs=rngs, kernel_init=nnx.initializers.zeros)
+                     if emb else None)
         self.lin1 = nnx.Linear(3 * width, width, rngs=rngs)
         self.lin2 = nnx.Linear(width, width, rngs=rngs)
 
@@ -117,8 +142,10 @@ class _Block(nnx.Module):
         h_diff = jnp.einsum("vk,bkw->bvw", geo.evecs, coef * decay)
         h_nbr = neighbour_mean(h, geo) - h
         z = self.lin1(jnp.concatenate([h, h_diff, h_nbr], axis=-1).reshape(B * V, 3 * W)).reshape(B, V, W)
-        scale, shift = jnp.split(self.film(emb), 2, axis=-1)  # (B, W) each
-        z = jax.nn.silu(z * (1 + scale[:, None]) + shift[:, None])
+        if self.film is not None:
+            scale, shift = jnp.split(self.film(emb), 2, axis=-1)  # (B, W) each
+            z = z * (1 + scale[:, None]) + shift[:, None]
+        z = jax.nn.silu(z)
         z = self.lin2(z.reshape(B * V, W)).reshape(B, V, W)
         return h + z
 
@@ -143,7 +170,7 @@ class SpectralScoreNet(nnx.Module):
         self.inp = nnx.Linear(channels + n_features, width, rngs=rngs)
         self.emb1 = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
         self.emb2 = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
-        self.blocks = nnx.List([_Block(width, emb_dim, tau_range, rngs=rngs) for _ in range(n_blocks)])
+        self.blocks = nnx.List([DiffusionBlock(width, emb_dim, tau_range, rngs=rngs) for _ in range(n_blocks)])
         self.out = nnx.Linear(width, channels, rngs=rngs, kernel_init=nnx.initializers.zeros)
 
     def __call__(self, x_in, log_lam, features, geo: NetGeometry):

@@ -28,7 +28,7 @@ from flax import nnx
 
 from geodiff._cache import atomic_savez
 from geodiff.diffusion.base import Prior, check_time
-from geodiff.diffusion.network import NetGeometry, SpectralScoreNet, neighbour_table
+from geodiff.diffusion.network import NetGeometry, SpectralScoreNet, net_geometry
 from geodiff.diffusion.sde import VPSDE
 from geodiff.manifolds import Manifold
 from geodiff.manifolds.spec import manifold_from_spec, manifold_spec
@@ -72,16 +72,7 @@ def _features(manifold: Manifold, cfg: NetConfig, mean, std, extra):
 
 
 def _net_geometry(manifold: Manifold, cfg: NetConfig) -> tuple[NetGeometry, tuple[float, float]]:
-    k = min(cfg.n_eig, manifold.max_eigenpairs)
-    evals, evecs = manifold.eigenpairs(k)
-    nbr_index, nbr_weight = neighbour_table(manifold.laplacian, manifold.valid)
-    geo = NetGeometry(evecs=jnp.asarray(evecs, jnp.float32),
-                      proj=jnp.asarray((evecs * manifold.mass[:, None]).T, jnp.float32),
-                      evals=jnp.asarray(evals, jnp.float32),
-                      valid=jnp.asarray(manifold.valid, jnp.float32),
-                      nbr_index=jnp.asarray(nbr_index), nbr_weight=jnp.asarray(nbr_weight))
-    lam1, lamk = max(float(evals[1]) if k > 1 else 1.0, 1e-6), max(float(evals[-1]), 1e-6)
-    return geo, (0.1 / lamk, 2.0 / lam1)
+    return net_geometry(manifold, cfg.n_eig)
 
 
 class DiffusionPrior(Prior):

@@ -10,6 +10,7 @@ H hidden units.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from geodiff.diffusion.network import neighbour_table
+from geodiff.diffusion.network import DiffusionBlock, NetGeometry, net_geometry, neighbour_table
 from geodiff.manifolds import Grid, Manifold, PaddedManifold, Sphere
 
 
@@ -114,16 +115,20 @@ class SpectralConditioner(nnx.Module):
         nbr: (index (V, J), weight (V, J)) neighbour table (:func:`neighbour_table`), needed when
             ``local_hidden`` > 0.
         local_hidden: hidden units of the per-vertex MLP (0: linear local part only).
+        global_channels: how many leading input channels the global part sees (None: all); the
+            local parts always see all (a flow with a :class:`ConditionEncoder` gives its
+            features to the local parts only, which keeps the global MLP's input at K·(C + Cc)).
     """
 
     def __init__(self, evecs, mass, channels: int, condition_channels: int, *, hidden: int,
-                 rngs: nnx.Rngs, nbr=None, local_hidden: int = 0):
+                 rngs: nnx.Rngs, nbr=None, local_hidden: int = 0, global_channels: int | None = None):
         K = evecs.shape[1]
         self.C = channels
         c_in = channels + condition_channels
+        self.c_glob = c_in if global_channels is None else int(global_channels)
         self.evecs = Const(jnp.asarray(evecs, jnp.float32))
         self.proj = Const(jnp.asarray((evecs * mass[:, None]).T, jnp.float32))
-        self.g1 = nnx.Linear(K * c_in, hidden, rngs=rngs)
+        self.g1 = nnx.Linear(K * self.c_glob, hidden, rngs=rngs)
         self.g2 = nnx.Linear(hidden, hidden, rngs=rngs)
         self.g3 = nnx.Linear(hidden, K * 2 * channels, rngs=rngs, kernel_init=nnx.initializers.zeros)
         self.local = nnx.Linear(c_in, 2 * channels, rngs=rngs, kernel_init=nnx.initializers.zeros)
@@ -148,7 +153,7 @@ class SpectralConditioner(nnx.Module):
 
     def __call__(self, u):
         B, V, c_in = u.shape
-        coef = jnp.einsum("kv,bvi->bki", self.proj[...], u).reshape(B, -1)
+        coef = jnp.einsum("kv,bvi->bki", self.proj[...], u[..., : self.c_glob]).reshape(B, -1)
         h = jax.nn.silu(self.g1(coef))
         h = jax.nn.silu(self.g2(h))
         out = self.g3(h).reshape(B, -1, 2 * self.C)
@@ -161,6 +166,52 @@ class SpectralConditioner(nnx.Module):
             h = jax.nn.silu(self.l2(h))
             out = out + self.l3(h).reshape(B, V, 2 * self.C)
         return out
+
+
+class ConditionEncoder(nnx.Module):
+    """Per-vertex features e(c) (B, V, W) of the condition, computed once per pass of the flow and
+    given to every coupling beside the condition itself.
+
+    The couplings' own conditioners see the condition only through K Laplacian modes and a 2-ring
+    window; the encoder lets the flow's local corrections depend on the whole measurement (a
+    denoised value, an edge, the distance to the nearest observation). Architecture: the score
+    network's (:class:`~geodiff.diffusion.network.DiffusionBlock`: per-vertex MLP, learned
+    spectral diffusion, 1-ring differences) on [c, positional features], without a noise-level
+    embedding.
+
+    Args:
+        manifold: the (possibly padded) manifold.
+        condition_channels: Cc.
+        width: W, features per vertex (the output width too).
+        n_blocks: diffusion blocks.
+        n_eig: eigenpairs of the spectral diffusion.
+        n_pos: Laplacian-eigenvector positional features (:meth:`Manifold.laplacian_features`;
+            at most ``max_eigenpairs − 1``).
+        rngs: flax random streams.
+    """
+
+    def __init__(self, manifold: Manifold, condition_channels: int, *, width: int, n_blocks: int,
+                 n_eig: int, n_pos: int, rngs: nnx.Rngs):
+        geo, tau_range = net_geometry(manifold, n_eig)
+        self.geo_fields = tuple(f.name for f in dataclasses.fields(geo))
+        for name in self.geo_fields:
+            setattr(self, f"geo_{name}", Const(getattr(geo, name)))
+        n_pos = min(n_pos, manifold.max_eigenpairs - 1)
+        pos = manifold.laplacian_features(n_pos) if n_pos > 0 else np.zeros((manifold.n_vertices, 0))
+        self.pos = Const(jnp.asarray(pos, jnp.float32))
+        self.inp = nnx.Linear(condition_channels + pos.shape[1], width, rngs=rngs)
+        self.blocks = nnx.List([DiffusionBlock(width, 0, tau_range, rngs=rngs)
+                                for _ in range(n_blocks)])
+
+    def __call__(self, c):
+        """c (B, V, Cc) → (B, V, W), zero on padding vertices."""
+        B, V, _ = c.shape
+        geo = NetGeometry(**{n: getattr(self, f"geo_{n}")[...] for n in self.geo_fields})
+        pos = jnp.broadcast_to(self.pos[...][None], (B, *self.pos.shape))
+        h = self.inp(jnp.concatenate([c, pos], axis=-1).reshape(B * V, -1)).reshape(B, V, -1)
+        for block in self.blocks:
+            h = block(h, None, geo)
+        return h * geo.valid[None, :, None]
 
 
 class AffineCoupling(nnx.Module):
@@ -211,13 +262,18 @@ class ConditionalRealNVP(nnx.Module):
         n_eig: K, eigenpairs of the spectral conditioner.
         local_hidden: hidden units of the spectral conditioner's per-vertex MLP on 1- and 2-ring
             means (0 turns it off); see :class:`SpectralConditioner`.
+        encoder_width: W of a :class:`ConditionEncoder` whose per-vertex features of the
+            condition every coupling's local parts receive (0, the default: no encoder). Needs a
+            condition and the spectral conditioner.
+        encoder_blocks: its diffusion blocks.
         max_log_scale: bound of the couplings' log-scales.
         seed: initialization seed.
     """
 
     def __init__(self, manifold: Manifold, *, channels: int = 1, condition_channels: int = 0,
                  n_steps: int = 8, conditioner: str = "spectral", hidden: int = 256, n_eig: int = 64,
-                 local_hidden: int = 0, max_log_scale: float = 2.0, seed: int = 0):
+                 local_hidden: int = 0, encoder_width: int = 0, encoder_blocks: int = 2,
+                 max_log_scale: float = 2.0, seed: int = 0):
         if conditioner not in ("spectral", "dense"):
             raise ValueError(f"conditioner must be 'spectral' or 'dense', got {conditioner!r}")
         for name, val in (("channels", channels), ("n_steps", n_steps), ("hidden", hidden)):
@@ -227,23 +283,37 @@ class ConditionalRealNVP(nnx.Module):
             raise ValueError(f"local_hidden must be an integer ≥ 0, got {local_hidden!r}")
         if not isinstance(condition_channels, (int, np.integer)) or condition_channels < 0:
             raise ValueError(f"condition_channels must be an integer ≥ 0, got {condition_channels!r}")
+        for name, val in (("encoder_width", encoder_width), ("encoder_blocks", encoder_blocks)):
+            if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 0:
+                raise ValueError(f"{name} must be an integer ≥ 0, got {val!r}")
+        if encoder_width and (condition_channels == 0 or conditioner != "spectral"):
+            raise ValueError("encoder_width > 0 needs a conditional flow (condition_channels > 0) "
+                             f"with conditioner='spectral', got condition_channels="
+                             f"{condition_channels}, conditioner={conditioner!r}")
         rngs = nnx.Rngs(seed)
         V = manifold.n_vertices
         self.n_vertices, self.channels, self.condition_channels = V, channels, condition_channels
+        self.encoder_width = int(encoder_width)
         #: the constructor's settings (what a saved sampler needs to rebuild this flow)
         self.config = (("n_steps", int(n_steps)), ("conditioner", conditioner), ("hidden", int(hidden)),
                        ("n_eig", int(n_eig)), ("local_hidden", int(local_hidden)),
+                       ("encoder_width", int(encoder_width)), ("encoder_blocks", int(encoder_blocks)),
                        ("max_log_scale", float(max_log_scale)), ("seed", int(seed)))
         valid = np.asarray(manifold.valid)
         spatial = vertex_partition(manifold)
         rand = np.zeros(V, dtype=bool)
         rand[np.random.default_rng(seed).permutation(np.flatnonzero(valid))[: int(valid.sum()) // 2]] = True
+        self.encoder = (ConditionEncoder(manifold, condition_channels, width=int(encoder_width),
+                                         n_blocks=int(encoder_blocks), n_eig=n_eig, n_pos=16,
+                                         rngs=rngs) if encoder_width else None)
         if conditioner == "spectral":
             evals, evecs = manifold.eigenpairs(min(n_eig, manifold.max_eigenpairs))
             nbr = neighbour_table(manifold.laplacian, valid) if local_hidden else None
-            make = lambda: SpectralConditioner(evecs, manifold.mass, channels, condition_channels,  # noqa: E731
+            make = lambda: SpectralConditioner(evecs, manifold.mass, channels,  # noqa: E731
+                                               condition_channels + int(encoder_width),
                                                hidden=hidden, rngs=rngs, nbr=nbr,
-                                               local_hidden=local_hidden)
+                                               local_hidden=local_hidden,
+                                               global_channels=channels + condition_channels)
         else:
             make = lambda: DenseConditioner(V, channels, condition_channels, hidden=hidden, rngs=rngs)  # noqa: E731
         layers = []
@@ -265,27 +335,51 @@ class ConditionalRealNVP(nnx.Module):
             raise ValueError(f"condition must have shape ({x.shape[0]}, {self.n_vertices}, "
                              f"{self.condition_channels}), got {getattr(condition, 'shape', None)}")
 
-    def forward(self, z, condition=None):
-        """x = G(z; c) and log|det ∂x/∂z|: (B, V, C) → ((B, V, C), (B,))."""
-        self._check(z, condition, "z")
+    def encode(self, condition):
+        """The conditioning every coupling receives: c itself, or [c, e(c)] (B, V, Cc + W) with
+        a :class:`ConditionEncoder`. Pass it to :meth:`forward` / :meth:`inverse` with
+        ``encoded=True`` to evaluate the encoder once for many draws of the same condition."""
+        if condition is None or self.encoder is None:
+            return condition
+        return jnp.concatenate([condition, self.encoder(condition)], axis=-1)
+
+    def _prepare(self, x, condition, name, encoded):
+        if encoded and self.encoder is not None:
+            cc, w = self.condition_channels, self.encoder_width
+            if condition is None or condition.shape[-1] != cc + w:
+                raise ValueError(f"an encoded condition must have condition_channels + "
+                                 f"encoder_width = {cc + w} channels, got shape "
+                                 f"{getattr(condition, 'shape', None)}")
+            self._check(x, condition[..., :cc], name)
+            return condition
+        self._check(x, condition, name)
+        return self.encode(condition)
+
+    def forward(self, z, condition=None, *, encoded: bool = False):
+        """x = G(z; c) and log|det ∂x/∂z|: (B, V, C) → ((B, V, C), (B,)).
+
+        ``encoded=True``: ``condition`` is already :meth:`encode`'s output."""
+        condition = self._prepare(z, condition, "z", encoded)
         logdet = jnp.zeros(z.shape[0], z.dtype)
         for layer in self.layers:
             z, ld = layer.forward(z, condition)
             logdet = logdet + ld
         return z, logdet
 
-    def inverse(self, x, condition=None):
-        """z = G⁻¹(x; c) and log|det ∂z/∂x|: (B, V, C) → ((B, V, C), (B,))."""
-        self._check(x, condition, "x")
+    def inverse(self, x, condition=None, *, encoded: bool = False):
+        """z = G⁻¹(x; c) and log|det ∂z/∂x|: (B, V, C) → ((B, V, C), (B,)).
+
+        ``encoded=True``: ``condition`` is already :meth:`encode`'s output."""
+        condition = self._prepare(x, condition, "x", encoded)
         logdet = jnp.zeros(x.shape[0], x.dtype)
         for layer in reversed(self.layers):
             x, ld = layer.inverse(x, condition)
             logdet = logdet + ld
         return x, logdet
 
-    def log_prob(self, x, condition=None):
+    def log_prob(self, x, condition=None, *, encoded: bool = False):
         """Exact log q(x | c) = log N(G⁻¹(x); 0, I) + log|det ∂G⁻¹/∂x| over valid entries, (B,)."""
-        z, logdet = self.inverse(x, condition)
+        z, logdet = self.inverse(x, condition, encoded=encoded)
         w = self.valid[...]
         d = jnp.sum(w) * self.channels
         return -0.5 * jnp.sum(w * z**2, axis=(-2, -1)) - 0.5 * d * math.log(2 * math.pi) + logdet
@@ -299,6 +393,8 @@ class ConditionalRealNVP(nnx.Module):
             z = jax.random.normal(key, (n, self.n_vertices, self.channels)) * self.valid[...]
             return self.forward(z)[0]
         B = condition.shape[0]
+        self._check(jnp.zeros((B, self.n_vertices, self.channels)), condition, "z")
+        condition = self.encode(condition)            # once per condition, not per draw
         z = jax.random.normal(key, (n * B, self.n_vertices, self.channels)) * self.valid[...]
         c = jnp.broadcast_to(condition[None], (n, *condition.shape)).reshape(n * B, *condition.shape[1:])
-        return self.forward(z, c)[0].reshape(n, B, self.n_vertices, self.channels)
+        return self.forward(z, c, encoded=True)[0].reshape(n, B, self.n_vertices, self.channels)
