@@ -96,6 +96,21 @@ def write_outputs(out: Path, result: dict, title: str, *, notes: str = "", extra
 
 
 # ---------------------------------------------------------------------------------- stages
+#: flow settings added after full-mode stages were cached, with the values that compute what those
+#: stages computed before. They change only the stages of the amortized flow (APS, its rows,
+#: FlowPerY), so they stay out of the run's hash and tag those stages' names instead
+#: (:func:`aps_tag`): the baselines are shared between flow variants, and old stages stay valid.
+APS_FLOW_EXTRA = {"aps_encoder_width": 0, "aps_encoder_blocks": 2}
+
+
+def aps_tag(s) -> str:
+    """"" at the :data:`APS_FLOW_EXTRA` values, else "-" and a short hash of the settings."""
+    extra = {k: getattr(s, k) for k in APS_FLOW_EXTRA}
+    if extra == APS_FLOW_EXTRA:
+        return ""
+    return "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+
+
 class Stages:
     """Resumable cached stages of a full-mode run: ``$GEODIFF_CACHE/bench/<name>-<hash>/``, the
     hash taken over the config and the bytes of the files in ``depends`` (the prior checkpoints),
@@ -104,7 +119,8 @@ class Stages:
     them. ``enabled=False`` (smoke and quick modes) computes everything every time."""
 
     def __init__(self, name: str, cfg, *, enabled: bool, fresh: bool = False, depends=()):
-        h = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in APS_FLOW_EXTRA}
+        h = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode())
         for path in depends if enabled else ():
             path = Path(path)
             if not path.is_file():
@@ -272,6 +288,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="full mode: ignore cached stages and compute everything again")
     p.add_argument("--aps-steps", type=int, default=None,
                    help="override the mode's APS optimizer steps (studies of training length)")
+    p.add_argument("--aps-encoder-width", type=int, default=None,
+                   help="override the width of the flow's condition encoder (0: none); its "
+                        "stages are cached beside the other variants', sharing the baselines")
     p.add_argument("--prior-t0", type=float, default=None,
                    help="use (and train if missing) priors with this VPSDE t0 instead of 1e-3; it "
                         "sets the ELBO's decoder noise, which APS trains against (docs/amortized.md)")
@@ -295,6 +314,10 @@ def main(doc: str, run, modes: dict, out: str, argv=None, *, tasks: tuple | None
         if args.aps_steps < 1:
             raise SystemExit(f"--aps-steps must be ≥ 1, got {args.aps_steps}")
         cfg = dataclasses.replace(cfg, aps_steps=args.aps_steps)
+    if args.aps_encoder_width is not None:
+        if args.aps_encoder_width < 0:
+            raise SystemExit(f"--aps-encoder-width must be ≥ 0, got {args.aps_encoder_width}")
+        cfg = dataclasses.replace(cfg, aps_encoder_width=args.aps_encoder_width)
     if tasks and args.tasks:
         cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks))
     result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
@@ -329,6 +352,8 @@ class Settings:
     aps_n_eig: int = 64          # spectral conditioner modes
     aps_local_hidden: int = 32   # per-vertex ring MLP of the conditioners (0: off); it pays off
     #                              only over long runs (docs/amortized.md), so quick mode turns it off
+    aps_encoder_width: int = 0   # the flow's condition encoder (0: none); see docs/amortized.md
+    aps_encoder_blocks: int = 2
     fpy_n: int = 2               # test measurements FlowPerY is trained on (one flow each)
     fpy_steps: int = 200         # FlowPerY optimizer steps per measurement
     prior_t0: float | None = None  # VPSDE t0 of the diffusion prior (None: 1e-3, the default)
@@ -348,19 +373,21 @@ def make_aps(s: Settings, manifold, prior, op, gauss):
     sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
     return AmortizedSampler(manifold, prior, op, surrogate=sur, n_t=s.aps_n_t, seed=s.seed,
                             hidden=s.aps_hidden, n_steps=s.aps_couplings, n_eig=s.aps_n_eig,
-                            local_hidden=s.aps_local_hidden)
+                            local_hidden=s.aps_local_hidden, encoder_width=s.aps_encoder_width,
+                            encoder_blocks=s.aps_encoder_blocks)
 
 
 def train_aps(s: Settings, sampler, signals, stages: Stages, stage: str):
-    """Train ``sampler`` (cached stage ``stage``) on the measurements of ``signals`` by its own
-    operator (PRNG key ``seed + 101``; their clean values are never used).
+    """Train ``sampler`` (cached stage ``stage`` + :func:`aps_tag`) on the measurements of
+    ``signals`` by its own operator (PRNG key ``seed + 101``; their clean values are never used).
 
     Returns:
         (trained sampler, fit info, training measurements).
     """
     train_meas = sampler.operator.measure(jax.random.key(s.seed + 101), signals)
     trained, info = fit_aps(sampler, train_meas, steps=s.aps_steps, batch_size=s.aps_batch,
-                            learning_rate=s.aps_lr, seed=s.seed, stages=stages, stage=stage,
+                            learning_rate=s.aps_lr, seed=s.seed, stages=stages,
+                            stage=stage + aps_tag(s),
                             progress=s.aps_steps >= 50)
     return trained, info, train_meas
 
@@ -424,7 +451,7 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         aps, mean_, std, x1 = aps_rows(task, trained, info, meas, test, manifold, seed=s.seed,
                                        repeats=s.repeats, dps_time=dps_time)
         return {"mean": mean_, "std": std, "x1": x1}, {"rows": aps}
-    arrays, aps = stages.run(f"{key}-APS-rows", go)
+    arrays, aps = stages.run(f"{key}-APS{aps_tag(s)}-rows", go)
     rows.extend(aps["rows"])
     mean_, std, x1 = arrays["mean"], arrays["std"], arrays["x1"]
     est["APS(1)"], est["APS(128)"] = x1, mean_
@@ -434,7 +461,7 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
                                     steps=s.fpy_steps, batch_size=s.aps_batch,
                                     learning_rate=s.aps_lr, seed=s.seed)
             return {"est": e}, row
-        arrays, row = stages.run(f"{key}-FlowPerY", go)
+        arrays, row = stages.run(f"{key}-FlowPerY{aps_tag(s)}", go)
         rows.append(row)
         est["FlowPerY"] = arrays["est"]
     print(markdown_table(rows))

@@ -1,12 +1,17 @@
-"""Shared fixtures. Every test session gets its own empty geodiff cache folder."""
+"""Shared fixtures. Every test session (each xdist worker) gets its own empty geodiff cache
+folder, removed when the session ends."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import jax
 import pytest
 
-os.environ["GEODIFF_CACHE"] = tempfile.mkdtemp(prefix="geodiff-test-cache-")
+_CACHE = tempfile.mkdtemp(prefix="geodiff-test-cache-")
+os.environ["GEODIFF_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 

@@ -259,6 +259,27 @@ def test_stages_are_keyed_by_the_prior_files(tmp_path, monkeypatch):
         common.Stages("demo", cfg, enabled=True, depends=[tmp_path / "missing.npz"])
 
 
+def test_flow_variants_share_the_baseline_stages(tmp_path, monkeypatch):
+    """A flow setting of APS_FLOW_EXTRA (the condition encoder) keeps the run's folder, so the
+    baselines are reused, and tags the APS stages, so a variant never loads another's sampler; at
+    its neutral value the tag is empty (stages cached before the setting existed stay valid)."""
+    import dataclasses
+
+    common, calls, stage = counting_stage(tmp_path, monkeypatch)
+    cfg = common.Settings(seed=0)
+    enc = dataclasses.replace(cfg, aps_encoder_width=32)
+    assert common.aps_tag(cfg) == "" and common.aps_tag(enc).startswith("-")
+    assert common.aps_tag(dataclasses.replace(enc, aps_encoder_blocks=3)) != common.aps_tag(enc)
+    plain, variant = (common.Stages("demo", c, enabled=True) for c in (cfg, enc))
+    assert plain.dir == variant.dir
+    plain.run("DPS", stage)
+    variant.run("DPS", stage)                                        # shared: not computed again
+    plain.run("x-APS" + common.aps_tag(cfg) + "-rows", stage)
+    variant.run("x-APS" + common.aps_tag(enc) + "-rows", stage)     # its own stage
+    assert len(calls) == 3
+    assert common.Stages("demo", dataclasses.replace(cfg, aps_steps=7), enabled=True).dir != plain.dir
+
+
 def test_fit_aps_counts_the_training_time_before_a_resume(tmp_path, monkeypatch):
     """An interrupted APS fit resumed by the next run reports the whole training time (the history
     clock, which runs on across resumes), not only the wall time of the resumed part."""

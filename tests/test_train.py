@@ -271,11 +271,11 @@ _DATA_PARALLEL = textwrap.dedent("""
     np.testing.assert_allclose(two.ema["w"], one.ema["w"], rtol=1e-5, atol=1e-6)
     # A checkpoint written on 2 devices resumes on 1 (equal to float tolerance, not bitwise).
     import tempfile
-    d = tempfile.mkdtemp()
-    fit(jax.random.key(1), loss, p0, data, checkpoint_dir=d, devices=jax.local_devices(),
-        **(kw | {"steps": 6}))
-    res, _ = fit(jax.random.key(1), loss, p0, data, checkpoint_dir=d,
-                 devices=jax.local_devices()[:1], **kw)
+    with tempfile.TemporaryDirectory() as d:
+        fit(jax.random.key(1), loss, p0, data, checkpoint_dir=d, devices=jax.local_devices(),
+            **(kw | {"steps": 6}))
+        res, _ = fit(jax.random.key(1), loss, p0, data, checkpoint_dir=d,
+                     devices=jax.local_devices()[:1], **kw)
     np.testing.assert_allclose(res.params["w"], one.params["w"], rtol=1e-5, atol=1e-6)
     try:
         fit(jax.random.key(1), loss, p0, data, steps=2, batch_size=3, progress=False)
