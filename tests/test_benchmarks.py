@@ -159,6 +159,20 @@ def test_train_priors_smoke(tmp_path, monkeypatch):
     assert again["rows"][0]["t0"] == pytest.approx(1e-3)
 
 
+def test_aps_flow_cost_smoke(tmp_path, monkeypatch, bench_cache):
+    monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
+    result = load_script("aps_flow_cost").main(["--smoke", "--steps", "3", "--batch", "4",
+                                                "--json", str(tmp_path / "c.json")])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"spectral", "ring MLP", "ring MLP + encoder"}
+    assert rows["ring MLP + encoder"]["n_params"] > rows["ring MLP"]["n_params"] > rows["spectral"]["n_params"]
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["sample_1_s"] > 0 and r["sample_128_s"] > 0
+    assert json.loads((tmp_path / "c.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    with pytest.raises(SystemExit, match="steps"):
+        load_script("aps_flow_cost").main(["--smoke", "--steps", "2"])
+
+
 def test_prior_step_time_smoke(tmp_path):
     result = load_script("prior_step_time").main(["--smoke", "--json", str(tmp_path / "s.json")])
     assert {r["manifold"] for r in result["rows"]} == {"sphere 46x90", "bunny res3", "grid 32x32"}
