@@ -55,7 +55,7 @@ def test_base_is_the_exact_surrogate_posterior(x64, op):
     op = op.on(grid)
     m = op.measure(jax.random.key(1), jnp.asarray(rng.normal(size=(3, V, C))))
     kind = solver_kind(op)
-    shared = dense_posterior(op, m, sur) if kind == "dense" else None
+    shared = dense_posterior(op, m, sur) if kind == "dense" else selection_shared(op, sur)
     b = base_params(op, m, sur, shared=shared)
     cov = F @ F.T + np.diag(d.reshape(-1))
     eye = jnp.eye(V * C).reshape(V * C, V, C)
@@ -368,11 +368,25 @@ def test_denoise_base_is_factored_once_and_equals_the_per_measurement_solve(grid
     assert shared["fixed"] is not None
     m = op.measure(key, gprior.sample(jax.random.key(1), 5))
     b = base_params(op, m, sur, shared=shared)
-    assert b["m0"].shape == (5, 20, 1) and b["W"].shape == (5, 20, 20)
+    assert set(b) == {"m0"} and b["m0"].shape == (5, 20, 1)  # the factor is not copied per y
+    fixed = shared["fixed"]
+    u = jax.random.normal(jax.random.key(2), (5, 20, 1))
+    x, ld = base_forward("selection", sur, shared, b, u)
     for i in range(5):
         bi = _selection_one(sur, shared["gram"], m.y[i], m.mask[i], sigma=0.1)
-        for k in ("m0", "r", "a", "s2", "logdet"):
-            np.testing.assert_allclose(b[k][i], bi[k], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose((b["W"][i] * b["s2"][i]) @ b["W"][i].T, (bi["W"] * bi["s2"]) @ bi["W"].T,
+        np.testing.assert_allclose(b["m0"][i], bi["m0"], rtol=1e-5, atol=1e-6)
+        for k in ("r", "a", "s2", "logdet"):
+            np.testing.assert_allclose(fixed[k], bi[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose((fixed["W"] * fixed["s2"]) @ fixed["W"].T, (bi["W"] * bi["s2"]) @ bi["W"].T,
                                    rtol=1e-4, atol=1e-5)
+        # the shared path maps u as the per-measurement solve does, and inverts it
+        bi1 = jax.tree.map(lambda a: a[None], bi)
+        xi, ldi = base_forward("selection", sur, None, bi1, u[i:i + 1])
+        np.testing.assert_allclose(x[i], xi[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ld[i], ldi[0], rtol=1e-5)
+    back, ld_inv = base_inverse("selection", sur, shared, b, x)
+    np.testing.assert_allclose(back, u, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ld_inv, ld, rtol=1e-6)
     assert not np.allclose(b["m0"][0], b["m0"][1])          # the means do follow y
+    with pytest.raises(ValueError, match="shared factor"):
+        base_forward("selection", sur, None, b, u)

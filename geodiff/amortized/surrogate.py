@@ -274,7 +274,9 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
         chunk: measurements per vectorized call (bounds memory).
 
     Returns:
-        dict of (N, ...) arrays; always ``m0`` (N, V, C).
+        dict of (N, ...) arrays; always ``m0`` (N, V, C). With :class:`Denoise` only ``m0``: the
+        covariance factor is ``shared["fixed"]``, used unbatched by :func:`base_forward` and
+        :func:`base_inverse` (no copy per measurement or per sample).
     """
     if operator.sigma <= 0:
         raise ValueError("operator.sigma must be > 0 for the amortized sampler's Gaussian base "
@@ -291,8 +293,7 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
     if shared["fixed"] is not None:                    # Denoise: only the mean depends on y
         fixed = shared["fixed"]
         one = functools.partial(_selection_mean, sur, fixed, sigma=float(operator.sigma))
-        m0 = jax.vmap(one)(measurements.y, measurements.mask)
-        return {**jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *a.shape)), fixed), "m0": m0}
+        return {"m0": jax.vmap(one)(measurements.y, measurements.mask)}
     # One sequential loop over equal chunks (N padded to a multiple of the chunk): independent
     # batched LAPACK calls dispatched side by side (a Python loop of chunks, or lax.map's
     # remainder next to its loop) were seen to deadlock XLA's CPU runtime.
@@ -306,6 +307,17 @@ def base_params(operator: LinearOperator, measurements: Measurement, sur: Gaussi
     return jax.tree.map(lambda a: a.reshape(n_pad, *a.shape[2:])[:N], out)
 
 
+def _shared_factor(shared, b: dict):
+    """The selection solver's covariance factor if it is shared by all measurements (Denoise:
+    ``b`` then holds only ``m0``), else None."""
+    if "r" in b:
+        return None
+    if shared is None or shared.get("fixed") is None:
+        raise ValueError("these base params hold only m0: pass the shared factor of "
+                         "selection_shared (a Denoise operator) as shared")
+    return shared["fixed"]
+
+
 def base_forward(kind: str, sur: GaussianSurrogate, shared, b: dict, u):
     """x = m₀ + L₀ u and log|det L₀|. u (B, V, C), b the base params of the B measurements."""
     B, V, C = u.shape
@@ -313,6 +325,10 @@ def base_forward(kind: str, sur: GaussianSurrogate, shared, b: dict, u):
         chol, _, _, logdet = shared
         x = b["m0"] + (u.reshape(B, -1) @ chol.T).reshape(B, V, C)
         return x, jnp.broadcast_to(logdet, (B,))
+    fixed = _shared_factor(shared, b)
+    if fixed is not None:
+        x = b["m0"] + _sel_apply(sur.factor, fixed, u.reshape(B, -1)).reshape(B, V, C)
+        return x, jnp.broadcast_to(fixed["logdet"], (B,))
     x = b["m0"] + jax.vmap(functools.partial(_sel_apply, sur.factor))(b, u.reshape(B, -1)).reshape(B, V, C)
     return x, b["logdet"]
 
@@ -325,5 +341,9 @@ def base_inverse(kind: str, sur: GaussianSurrogate, shared, b: dict, x):
         _, prec_chol, _, logdet = shared
         u = v @ prec_chol
         return u.reshape(B, V, C), jnp.broadcast_to(logdet, (B,))
+    fixed = _shared_factor(shared, b)
+    if fixed is not None:
+        return (_sel_solve(sur.factor, fixed, v).reshape(B, V, C),
+                jnp.broadcast_to(fixed["logdet"], (B,)))
     u = jax.vmap(functools.partial(_sel_solve, sur.factor))(b, v)
     return u.reshape(B, V, C), b["logdet"]
