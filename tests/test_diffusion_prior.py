@@ -188,3 +188,43 @@ def test_tiny_prior_trains_saves_loads_and_resumes(tmp_path):
     straight, _ = DiffusionPrior.train(jax.random.key(5), g, data, steps=20, **kw)
     for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(straight.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def _dense(index, weight, V):
+    A = np.zeros((V, V))
+    np.add.at(A, (np.repeat(np.arange(V), index.shape[1]), np.asarray(index).ravel()),
+              np.asarray(weight).ravel())
+    return A
+
+
+@pytest.mark.parametrize("name", ["grid", "sphere", "mesh", "padded"])
+def test_ring_table_transpose_and_ring_mean_gradient(name, x64):
+    """The transposed table (plus the hubs read by > J vertices: lat-lon poles, some mesh
+    vertices) is exactly Aᵀ
+    of the ring-mean operator A, and ring_mean's custom backward pass equals autodiff of the
+    plain gather (a vector-Jacobian product with Aᵀ) on every manifold kind."""
+    from geodiff import Mesh
+    from geodiff.diffusion.network import _gather_sum, ring_table, ring_mean
+
+    m = {"grid": lambda: Grid(5, 6), "sphere": lambda: Sphere.latlon(6, 8),
+         "mesh": lambda: Mesh.bunny(4), "padded": lambda: Grid(3, 4).padded(14)}[name]()
+    V = m.n_vertices
+    t = ring_table(m.laplacian, np.asarray(m.valid))
+    A = _dense(t.index, t.weight, V)
+    At = _dense(t.t_index, t.t_weight, V)
+    for h, row in enumerate(np.asarray(t.hub)):
+        np.add.at(At[row], np.asarray(t.hub_index[h]), np.asarray(t.hub_weight[h]))
+    np.testing.assert_allclose(At, A.T, atol=1e-7)
+    if name in ("grid", "padded"):
+        assert t.hub.shape[0] == 0
+    if name == "sphere":
+        assert t.hub.shape[0] > 0                       # the poles' rings: the hub path is tested
+    h = jax.random.normal(jax.random.key(0), (2, V, 3), jnp.float64)
+    g = jax.random.normal(jax.random.key(1), (2, V, 3), jnp.float64)
+    np.testing.assert_allclose(ring_mean(h, t), np.einsum("uv,bvw->buw", A, h), atol=1e-6)
+    _, vjp = jax.vjp(lambda h: ring_mean(h, t), h)
+    np.testing.assert_allclose(vjp(g)[0], np.einsum("uv,buw->bvw", A, g), atol=1e-6)
+    loss = lambda f: jax.jit(jax.grad(lambda h: jnp.sum(jnp.sin(f(h)) * h)))  # noqa: E731
+    np.testing.assert_allclose(loss(lambda h: ring_mean(ring_mean(h, t), t))(h),
+                               loss(lambda h: _gather_sum(_gather_sum(h, t.index, t.weight),
+                                                          t.index, t.weight))(h), atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from geodiff import Grid, Mesh, Sphere
-from geodiff.diffusion.network import neighbour_table
+from geodiff.diffusion.network import ring_table
 from geodiff.flows import (ActNorm, AffineCoupling, ConditionalRealNVP, SpectralConditioner,
                            vertex_partition)
 
@@ -88,9 +88,10 @@ def test_local_mlp_reaches_exactly_two_rings():
 
     g = Grid(6, 6)
     _, evecs = g.eigenpairs(5)
-    index, weight = neighbour_table(g.laplacian, g.valid)
+    ring = ring_table(g.laplacian, g.valid)
+    index, weight = np.asarray(ring.index), np.asarray(ring.weight)
     cond = perturb(SpectralConditioner(evecs, g.mass, 1, 1, hidden=8, rngs=nnx.Rngs(0),
-                                       nbr=(index, weight), local_hidden=6))
+                                       ring=ring, local_hidden=6))
     for layer in (cond.g3, cond.local):
         layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
         layer.bias[...] = jnp.zeros_like(layer.bias[...])
@@ -105,6 +106,26 @@ def test_local_mlp_reaches_exactly_two_rings():
     assert np.all(moved[hops <= 2] > 0)
     with pytest.raises(ValueError, match="neighbour table"):
         SpectralConditioner(evecs, g.mass, 1, 1, hidden=8, rngs=nnx.Rngs(0), local_hidden=6)
+
+
+def test_channels_after_global_channels_are_read_at_their_vertex_only():
+    """Channels past ``global_channels`` (the encoder's features) skip the global part and the
+    ring means: a bump of one at a vertex moves the conditioner's output at that vertex only,
+    while a bump of a leading channel moves it at the 2-ring too."""
+    g = Grid(6, 6)
+    _, evecs = g.eigenpairs(5)
+    cond = perturb(SpectralConditioner(evecs, g.mass, 1, 3, hidden=8, rngs=nnx.Rngs(0),
+                                       ring=ring_table(g.laplacian, g.valid), local_hidden=6,
+                                       global_channels=2))
+    assert cond.l1.kernel.shape == (2 * 2 + 4, 6)
+    u = jax.random.normal(jax.random.key(0), (1, 36, 4))
+    v = 14
+    for ch, n_moved in ((3, 1), (1, None)):
+        moved = np.abs(np.asarray(cond(u.at[0, v, ch].add(1.0)) - cond(u)))[0].max(axis=1) > 0
+        if n_moved is None:
+            assert moved.sum() > 5          # the global part and the 2 rings
+        else:
+            assert np.flatnonzero(moved).tolist() == [v]
 
 
 @pytest.mark.parametrize("name", ["grid", "sphere", "padded"])

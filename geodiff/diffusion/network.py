@@ -18,15 +18,36 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 
+class RingTable(NamedTuple):
+    """A fixed-shape weighted 1-ring (:func:`ring_table`), with its transpose for the backward pass.
+
+    Attributes:
+        index: (V, J) indices of up to J neighbours per vertex (padded with the vertex itself).
+        weight: (V, J) their weights, summing to 1 per real vertex (0 on padded entries).
+        t_index, t_weight: (V, J) the transpose: for each vertex u the vertices v that read it and
+            the weights w_vu, for the vertices read by at most J others (0 weights elsewhere).
+        hub: (H,) the vertices read by more than J others (the poles of a lat-lon sphere).
+        hub_index, hub_weight: (H, Jh) their readers and weights.
+    """
+
+    index: jax.Array
+    weight: jax.Array
+    t_index: jax.Array
+    t_weight: jax.Array
+    hub: jax.Array
+    hub_index: jax.Array
+    hub_weight: jax.Array
+
+
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["evecs", "proj", "evals", "valid", "nbr_index", "nbr_weight"],
-                   meta_fields=[])
+                   data_fields=["evecs", "proj", "evals", "valid", "ring"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class NetGeometry:
     """Constant geometry the network uses (a pytree of fixed-shape arrays).
@@ -36,16 +57,14 @@ class NetGeometry:
         proj: (K, V) the projection Φᵀ M (mass-weighted; zero columns on padding).
         evals: (K,) eigenvalues.
         valid: (V,) 1.0 on real vertices, 0.0 on padding.
-        nbr_index: (V, J) indices of up to J neighbours per vertex (padded with the vertex itself).
-        nbr_weight: (V, J) their weights, summing to 1 per real vertex (0 on padded entries).
+        ring: the 1-ring neighbour table (:class:`RingTable`).
     """
 
     evecs: jax.Array
     proj: jax.Array
     evals: jax.Array
     valid: jax.Array
-    nbr_index: jax.Array
-    nbr_weight: jax.Array
+    ring: RingTable
 
 
 def neighbour_table(laplacian, valid, max_neighbours: int = 8):
@@ -90,16 +109,73 @@ def fourier_embedding(x, dim: int):
     return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
 
 
-def neighbour_mean(h, geo: NetGeometry):
-    """Weighted 1-ring mean Σ_j w_vj h[:, idx_vj], (B, V, W) → (B, V, W).
+def ring_table(laplacian, valid, max_neighbours: int = 8) -> RingTable:
+    """:func:`neighbour_table` and its transpose, as a :class:`RingTable` of jax arrays."""
+    import numpy as np
+
+    index, weight = neighbour_table(laplacian, valid, max_neighbours)
+    V, J = index.shape
+    v_of, j_of = np.nonzero(weight > 0)
+    u_of = index[v_of, j_of]
+    order = np.argsort(u_of, kind="stable")
+    v_of, u_of, w_of = v_of[order], u_of[order], weight[v_of, j_of][order]
+    degree = np.bincount(u_of, minlength=V)
+    slot = np.arange(len(u_of)) - np.concatenate([[0], np.cumsum(degree)[:-1]])[u_of]
+    hub = np.flatnonzero(degree > J).astype(np.int32)
+    is_hub = degree[u_of] > J
+    t_index = np.tile(np.arange(V, dtype=np.int32)[:, None], (1, J))
+    t_weight = np.zeros((V, J), np.float32)
+    t_index[u_of[~is_hub], slot[~is_hub]] = v_of[~is_hub]
+    t_weight[u_of[~is_hub], slot[~is_hub]] = w_of[~is_hub]
+    jh = max(int(degree[hub].max()) if len(hub) else 0, 1)
+    row = np.searchsorted(hub, u_of[is_hub])
+    hub_index = np.tile(hub[:, None], (1, jh)).astype(np.int32)
+    hub_weight = np.zeros((len(hub), jh), np.float32)
+    hub_index[row, slot[is_hub]] = v_of[is_hub]
+    hub_weight[row, slot[is_hub]] = w_of[is_hub]
+    return RingTable(*(jnp.asarray(a) for a in (index, weight, t_index, t_weight, hub, hub_index,
+                                                 hub_weight)))
+
+
+def _gather_sum(h, index, weight):
+    acc = jnp.zeros_like(h)
+    for j in range(index.shape[1]):
+        acc = acc + h[:, index[:, j]] * weight[None, :, j, None]
+    return acc
+
+
+@jax.custom_vjp
+def ring_mean(h, table: RingTable):
+    """Weighted 1-ring mean Σ_j w_vj h[:, idx_vj], (B, V, W) → (B, V, W), with a :class:`RingTable`.
 
     One gather per neighbour slot, accumulated: 19× faster than gathering the whole (B, V, J, W)
-    block at once on CPU (13 ms vs 253 ms forward at B = 64, V = 4140, W = 32, J = 8).
+    block at once on CPU (13 ms vs 253 ms forward at B = 64, V = 4140, W = 32, J = 8). The
+    backward pass gathers with the transposed table instead of letting autodiff scatter-add, which
+    is 3–12× faster on CPU (two ring means forward and backward at B = 64, V = 4140, W = 32:
+    553 → 162 ms with the poles' 90 readers padded into the table). Not differentiable with
+    respect to the table.
     """
-    acc = jnp.zeros_like(h)
-    for j in range(geo.nbr_index.shape[1]):
-        acc = acc + h[:, geo.nbr_index[:, j]] * geo.nbr_weight[None, :, j, None]
-    return acc
+    return _gather_sum(h, table.index, table.weight)
+
+
+def _ring_mean_fwd(h, table):
+    return _gather_sum(h, table.index, table.weight), table
+
+
+def _ring_mean_bwd(table, g):
+    grad = _gather_sum(g, table.t_index, table.t_weight)
+    if table.hub.shape[0]:
+        hub_sum = jnp.einsum("bhjw,hj->bhw", g[:, table.hub_index], table.hub_weight)
+        grad = grad.at[:, table.hub].add(hub_sum)
+    return grad, None
+
+
+ring_mean.defvjp(_ring_mean_fwd, _ring_mean_bwd)
+
+
+def neighbour_mean(h, geo: NetGeometry):
+    """:func:`ring_mean` with the neighbour table of a :class:`NetGeometry`."""
+    return ring_mean(h, geo.ring)
 
 
 def net_geometry(manifold, n_eig: int) -> tuple[NetGeometry, tuple[float, float]]:
@@ -110,12 +186,11 @@ def net_geometry(manifold, n_eig: int) -> tuple[NetGeometry, tuple[float, float]
 
     k = min(n_eig, manifold.max_eigenpairs)
     evals, evecs = manifold.eigenpairs(k)
-    nbr_index, nbr_weight = neighbour_table(manifold.laplacian, manifold.valid)
     geo = NetGeometry(evecs=jnp.asarray(evecs, jnp.float32),
                       proj=jnp.asarray((evecs * np.asarray(manifold.mass)[:, None]).T, jnp.float32),
                       evals=jnp.asarray(evals, jnp.float32),
                       valid=jnp.asarray(manifold.valid, jnp.float32),
-                      nbr_index=jnp.asarray(nbr_index), nbr_weight=jnp.asarray(nbr_weight))
+                      ring=ring_table(manifold.laplacian, manifold.valid))
     lam1, lamk = max(float(evals[1]) if k > 1 else 1.0, 1e-6), max(float(evals[-1]), 1e-6)
     return geo, (0.1 / lamk, 2.0 / lam1)
 

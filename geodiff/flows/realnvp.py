@@ -10,7 +10,6 @@ H hidden units.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from geodiff.diffusion.network import DiffusionBlock, NetGeometry, net_geometry, neighbour_table
+from geodiff.diffusion.network import DiffusionBlock, net_geometry, ring_mean, ring_table
 from geodiff.manifolds import Grid, Manifold, PaddedManifold, Sphere
 
 
@@ -50,6 +49,16 @@ def vertex_partition(manifold: Manifold) -> np.ndarray:
             part[v] = zeros > ones if zeros != ones else bool(v % 2)
             done[v] = True
     return np.pad(part, (0, manifold.n_vertices - base.n_vertices))
+
+
+def _const_table(tree):
+    """A pytree of constant arrays (a geometry table) held as :class:`Const` leaves."""
+    return nnx.data(jax.tree.map(lambda a: Const(jnp.asarray(a)), tree))
+
+
+def _table_value(tree):
+    """The arrays of a :func:`_const_table`."""
+    return jax.tree.map(lambda v: v[...], tree, is_leaf=lambda v: isinstance(v, Const))
 
 
 class ActNorm(nnx.Module):
@@ -112,16 +121,18 @@ class SpectralConditioner(nnx.Module):
         evecs: (V, K) Laplacian eigenvectors; mass: (V,) vertex masses.
         channels, condition_channels: C and Cc; the input has C + Cc channels.
         hidden: H of the global MLP.
-        nbr: (index (V, J), weight (V, J)) neighbour table (:func:`neighbour_table`), needed when
-            ``local_hidden`` > 0.
+        ring: the 1-ring table (:class:`~geodiff.diffusion.network.RingTable`, from
+            :func:`~geodiff.diffusion.network.ring_table`), needed when ``local_hidden`` > 0.
         local_hidden: hidden units of the per-vertex MLP (0: linear local part only).
-        global_channels: how many leading input channels the global part sees (None: all); the
-            local parts always see all (a flow with a :class:`ConditionEncoder` gives its
-            features to the local parts only, which keeps the global MLP's input at K·(C + Cc)).
+        global_channels: how many leading input channels the global part and the ring means see
+            (None: all). The channels after them (a :class:`ConditionEncoder`'s features) go to
+            the local linear map and to the per-vertex MLP's first layer as they are, not through
+            the ring means (the encoder has its own receptive field), which keeps the global
+            MLP's input at K·(C + Cc) and the ring gathers at C + Cc channels.
     """
 
     def __init__(self, evecs, mass, channels: int, condition_channels: int, *, hidden: int,
-                 rngs: nnx.Rngs, nbr=None, local_hidden: int = 0, global_channels: int | None = None):
+                 rngs: nnx.Rngs, ring=None, local_hidden: int = 0, global_channels: int | None = None):
         K = evecs.shape[1]
         self.C = channels
         c_in = channels + condition_channels
@@ -134,22 +145,17 @@ class SpectralConditioner(nnx.Module):
         self.local = nnx.Linear(c_in, 2 * channels, rngs=rngs, kernel_init=nnx.initializers.zeros)
         self.local_hidden = int(local_hidden)
         if self.local_hidden:
-            if nbr is None:
-                raise ValueError("local_hidden > 0 needs the neighbour table nbr=(index, weight)")
-            self.nbr_index = Const(jnp.asarray(nbr[0], jnp.int32))
-            self.nbr_weight = Const(jnp.asarray(nbr[1], jnp.float32))
-            self.l1 = nnx.Linear(3 * c_in, local_hidden, rngs=rngs)
+            if ring is None:
+                raise ValueError("local_hidden > 0 needs the neighbour table ring= (a RingTable)")
+            self.ring = _const_table(ring)
+            self.l1 = nnx.Linear(2 * self.c_glob + c_in, local_hidden, rngs=rngs)
             self.l2 = nnx.Linear(local_hidden, local_hidden, rngs=rngs)
             self.l3 = nnx.Linear(local_hidden, 2 * channels, rngs=rngs,
                                  kernel_init=nnx.initializers.zeros)
 
     def _ring_mean(self, h):
-        """Weighted 1-ring mean, one gather per neighbour slot: (B, V, W) → (B, V, W)."""
-        idx, w = self.nbr_index[...], self.nbr_weight[...]
-        acc = jnp.zeros_like(h)
-        for j in range(idx.shape[1]):
-            acc = acc + h[:, idx[:, j]] * w[None, :, j, None]
-        return acc
+        """Weighted 1-ring mean (:func:`~geodiff.diffusion.network.ring_mean`), (B, V, W)."""
+        return ring_mean(h, _table_value(self.ring))
 
     def __call__(self, u):
         B, V, c_in = u.shape
@@ -160,8 +166,9 @@ class SpectralConditioner(nnx.Module):
         glob = jnp.einsum("vk,bko->bvo", self.evecs[...], out)
         out = glob + self.local(u.reshape(B * V, c_in)).reshape(B, V, 2 * self.C)
         if self.local_hidden:
-            r1 = self._ring_mean(u)
-            feats = jnp.concatenate([u, r1, self._ring_mean(r1)], axis=-1).reshape(B * V, 3 * c_in)
+            r1 = self._ring_mean(u[..., : self.c_glob])
+            feats = jnp.concatenate([u, r1, self._ring_mean(r1)], axis=-1)
+            feats = feats.reshape(B * V, 2 * self.c_glob + c_in)
             h = jax.nn.silu(self.l1(feats))
             h = jax.nn.silu(self.l2(h))
             out = out + self.l3(h).reshape(B, V, 2 * self.C)
@@ -193,9 +200,7 @@ class ConditionEncoder(nnx.Module):
     def __init__(self, manifold: Manifold, condition_channels: int, *, width: int, n_blocks: int,
                  n_eig: int, n_pos: int, rngs: nnx.Rngs):
         geo, tau_range = net_geometry(manifold, n_eig)
-        self.geo_fields = tuple(f.name for f in dataclasses.fields(geo))
-        for name in self.geo_fields:
-            setattr(self, f"geo_{name}", Const(getattr(geo, name)))
+        self.geo = _const_table(geo)
         n_pos = min(n_pos, manifold.max_eigenpairs - 1)
         pos = manifold.laplacian_features(n_pos) if n_pos > 0 else np.zeros((manifold.n_vertices, 0))
         self.pos = Const(jnp.asarray(pos, jnp.float32))
@@ -206,7 +211,7 @@ class ConditionEncoder(nnx.Module):
     def __call__(self, c):
         """c (B, V, Cc) → (B, V, W), zero on padding vertices."""
         B, V, _ = c.shape
-        geo = NetGeometry(**{n: getattr(self, f"geo_{n}")[...] for n in self.geo_fields})
+        geo = _table_value(self.geo)
         pos = jnp.broadcast_to(self.pos[...][None], (B, *self.pos.shape))
         h = self.inp(jnp.concatenate([c, pos], axis=-1).reshape(B * V, -1)).reshape(B, V, -1)
         for block in self.blocks:
@@ -308,10 +313,10 @@ class ConditionalRealNVP(nnx.Module):
                                          rngs=rngs) if encoder_width else None)
         if conditioner == "spectral":
             evals, evecs = manifold.eigenpairs(min(n_eig, manifold.max_eigenpairs))
-            nbr = neighbour_table(manifold.laplacian, valid) if local_hidden else None
+            ring = ring_table(manifold.laplacian, valid) if local_hidden else None
             make = lambda: SpectralConditioner(evecs, manifold.mass, channels,  # noqa: E731
                                                condition_channels + int(encoder_width),
-                                               hidden=hidden, rngs=rngs, nbr=nbr,
+                                               hidden=hidden, rngs=rngs, ring=ring,
                                                local_hidden=local_hidden,
                                                global_channels=channels + condition_channels)
         else:
