@@ -128,10 +128,11 @@ def draw(dataset, prior, manifold, data, path: Path, *, sample_steps: int, seed:
     elif dataset == "bunny":
         fields = {f"real {i}": real[i, :, 0] for i in range(4)}
         fields |= {f"sample {i}": samples[i, :, 0] for i in range(4)}
-        plot.mesh_render(manifold, fields, path, ncols=4, vmin=0.0, vmax=1.0)
+        plot.mesh_render(manifold, fields, path, ncols=4, vmin=0.0, vmax=1.0,
+                          units="grey level")
     else:
         images = {f"real {i}": real[i] for i in range(4)} | {f"sample {i}": samples[i] for i in range(4)}
-        plot.image_grid(manifold, images, path, ncols=4)
+        plot.image_grid(manifold, images, path, ncols=4, units="grey level")
     return per_sample
 
 
