@@ -240,13 +240,16 @@ def _pf_ode_logp(prior: Prior, x, probes, steps: int):
     def drift(z, t):
         return -0.5 * sde.beta(t) * (z + prior.score(z, t))
 
+    # Reverse mode only: the score network's ring mean defines a VJP, not a JVP
+    # (geodiff.diffusion.network.ring_mean). The signals of the batch are independent, so one VJP
+    # with a probe per signal gives each signal's εᵀJ.
     def div(z, t):
         if probes is None:
             f = lambda zz: drift(zz.reshape(z.shape[1:])[None], t)[0].reshape(-1)  # noqa: E731
-            jac = jax.vmap(lambda zi: jax.jacfwd(f)(zi.reshape(-1)))(z)
+            jac = jax.vmap(lambda zi: jax.jacrev(f)(zi.reshape(-1)))(z)
             return jnp.trace(jac, axis1=-2, axis2=-1)
-        _, jvp = jax.jvp(lambda zz: drift(zz, t), (z,), (probes,))
-        return jnp.sum(jvp * probes, axis=(-2, -1))
+        _, pull = jax.vjp(lambda zz: drift(zz, t), z)
+        return jnp.sum(pull(probes)[0] * probes, axis=(-2, -1))
 
     def rhs(state, t):
         z, _ = state

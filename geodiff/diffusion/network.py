@@ -152,8 +152,9 @@ def ring_mean(h, table: RingTable):
     block at once on CPU (13 ms vs 253 ms forward at B = 64, V = 4140, W = 32, J = 8). The
     backward pass gathers with the transposed table instead of letting autodiff scatter-add, which
     is 3–12× faster on CPU (two ring means forward and backward at B = 64, V = 4140, W = 32:
-    553 → 162 ms with the poles' 90 readers padded into the table). Not differentiable with
-    respect to the table.
+    553 → 162 ms with the poles' 90 readers padded into the table). Reverse mode only (a
+    ``jax.custom_vjp``: ``jax.jvp`` / ``jacfwd`` through it raise; use ``vjp`` / ``jacrev``), and
+    not differentiable with respect to the table.
     """
     return _gather_sum(h, table.index, table.weight)
 
