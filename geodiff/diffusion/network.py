@@ -33,7 +33,8 @@ class RingTable(NamedTuple):
         weight: (V, J) their weights, summing to 1 per real vertex (0 on padded entries).
         t_index, t_weight: (V, J) the transpose: for each vertex u the vertices v that read it and
             the weights w_vu, for the vertices read by at most J others (0 weights elsewhere).
-        hub: (H,) the vertices read by more than J others (the poles of a lat-lon sphere).
+        hub: (H,) the vertices read by more than J others (the poles of a lat-lon sphere, some
+            mesh vertices; H = 0 on grids).
         hub_index, hub_weight: (H, Jh) their readers and weights.
     """
 
@@ -110,7 +111,15 @@ def fourier_embedding(x, dim: int):
 
 
 def ring_table(laplacian, valid, max_neighbours: int = 8) -> RingTable:
-    """:func:`neighbour_table` and its transpose, as a :class:`RingTable` of jax arrays."""
+    """:func:`neighbour_table` and its transpose, as a :class:`RingTable` of jax arrays.
+
+    Args:
+        laplacian: (V, V) scipy sparse matrix; valid: (V,) bool; max_neighbours: J.
+
+    Returns:
+        RingTable with index, weight, t_index, t_weight (V, J), hub (H,), hub_index and
+        hub_weight (H, max(1, largest hub in-degree)). Built once per geometry, in O(V J).
+    """
     import numpy as np
 
     index, weight = neighbour_table(laplacian, valid, max_neighbours)
