@@ -159,9 +159,9 @@ def ring_mean(h, table: RingTable):
 
     One gather per neighbour slot, accumulated: 19× faster than gathering the whole (B, V, J, W)
     block at once on CPU (13 ms vs 253 ms forward at B = 64, V = 4140, W = 32, J = 8). The
-    backward pass gathers with the transposed table instead of letting autodiff scatter-add, which
-    is 3–12× faster on CPU (two ring means forward and backward at B = 64, V = 4140, W = 32:
-    553 → 162 ms with the poles' 90 readers padded into the table). Reverse mode only (a
+    backward pass gathers with the transposed table instead of letting autodiff scatter-add,
+    which is slow on CPU: the score network's train step on the 46×90 sphere went from 1.21–1.41
+    to 0.90 s at batch 64 (``benchmarks/prior_step_time.py``, docs/priors.md). Reverse mode only (a
     ``jax.custom_vjp``: ``jax.jvp`` / ``jacfwd`` through it raise; use ``vjp`` / ``jacrev``), and
     not differentiable with respect to the table.
     """
