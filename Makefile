@@ -33,6 +33,8 @@ benchmarks: setup
 benchmarks-full: setup
 	$(BIN)/python benchmarks/train_priors.py --dataset mnist
 	$(BIN)/python benchmarks/image_inverse.py --out outputs/image_inverse-full
+# the digits part of generalization needs only the MNIST prior; the full run below loads its stages
+	$(BIN)/python benchmarks/generalization.py --tasks digits --out outputs/generalization-full
 	$(BIN)/python benchmarks/train_priors.py --dataset bunny
 	$(BIN)/python benchmarks/bunny_mnist_inpainting.py --out outputs/bunny_mnist_inpainting-full
 	$(BIN)/python benchmarks/train_priors.py --dataset era5

