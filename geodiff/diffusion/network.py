@@ -157,11 +157,11 @@ def _gather_sum(h, index, weight):
 def ring_mean(h, table: RingTable):
     """Weighted 1-ring mean Σ_j w_vj h[:, idx_vj], (B, V, W) → (B, V, W), with a :class:`RingTable`.
 
-    One gather per neighbour slot, accumulated: 19× faster than gathering the whole (B, V, J, W)
-    block at once on CPU (13 ms vs 253 ms forward at B = 64, V = 4140, W = 32, J = 8). The
-    backward pass gathers with the transposed table instead of letting autodiff scatter-add,
-    which is slow on CPU: the score network's train step on the 46×90 sphere went from 1.21–1.41
-    to 0.90 s at batch 64 (``benchmarks/prior_step_time.py``, docs/priors.md). Reverse mode only (a
+    One gather per neighbour slot, accumulated, so the (B, V, J, W) block of all neighbours (J
+    times the activations) is never built. The backward pass gathers with the transposed table
+    instead of letting autodiff scatter-add, which is slow on CPU: the score network's train step
+    on the 46×90 sphere went from 1.21–1.41 to 0.90 s at batch 64
+    (``benchmarks/prior_step_time.py``, docs/priors.md). Reverse mode only (a
     ``jax.custom_vjp``: ``jax.jvp`` / ``jacfwd`` through it raise; use ``vjp`` / ``jacrev``), and
     not differentiable with respect to the table.
     """
