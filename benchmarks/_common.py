@@ -63,10 +63,12 @@ FPY_COLUMN = (FPY_PSNR, "PSNR on FlowPerY's signals (dB)", ".2f")
 
 
 def markdown_table(rows: list[dict], *, extra: tuple[tuple[str, str, str], ...] = ()) -> str:
-    """Rows as a Markdown table. ``extra``: (key, header, format) columns appended."""
+    """Rows as a Markdown table. ``extra``: (key, header, format) columns appended, each only
+    where some row has a value for it (a "–" marks a row without one)."""
     def fmt(value, spec):
         return "–" if value is None else format(value, spec)
 
+    extra = [c for c in extra if any(r.get(c[0]) is not None for r in rows)]
     cols = [("method", "method", "s"), ("time_per_sample_s", "time / sample (s)", ".2e"),
             ("psnr", "PSNR (dB)", ".2f"), ("ssim", "SSIM", ".3f"), ("mse", "MSE", ".2e"),
             ("coverage90", "cov90", ".3f"), ("training_s", "training (s)", ".0f"),

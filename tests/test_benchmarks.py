@@ -171,6 +171,17 @@ def test_generalization_one_part_runs_alone_and_resumes(tmp_path, monkeypatch, b
         script.run(script.Config(tasks=()), tmp_path / "none")
 
 
+def test_markdown_table_shows_an_extra_column_only_where_a_row_has_it():
+    common = load_script("_common")
+    rows = [{"task": "t", "method": "Kriging", "psnr": 30.0, "rmse_K": 1.5},
+            {"task": "t", "method": "DPS", "psnr": 29.0}]
+    extra = (("rmse_K", "RMSE (K)", ".2f"), common.FPY_COLUMN)
+    head, rule, *lines = common.markdown_table(rows, extra=extra).splitlines()
+    assert head.endswith("| n | RMSE (K) |") and rule.count("|---") == 10
+    assert lines == ["| DPS | – | 29.00 | – | – | – | – | – | – | – |",
+                     "| Kriging | – | 30.00 | – | – | – | – | – | – | 1.50 |"]
+
+
 def test_geometry_build_smoke(tmp_path):
     script = load_script("geometry_build")
     result = script.main(["--smoke", "--json", str(tmp_path / "g.json")])
