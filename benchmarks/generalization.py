@@ -23,7 +23,8 @@ unseen measurements, a second data set, and a random masking level the sampler i
     python benchmarks/generalization.py --tasks digits   # one part only (its own prior and stages)
 
 Writes ``<out>/results.json`` (schema of API.md), ``<out>/results.md``, ``<out>/digits.png`` and
-``<out>/blind.png``.
+``<out>/blind.png``; with ``--tasks`` only the rows and figure of the parts run (a later run of
+both parts loads the finished part's stages in full mode and writes the whole table).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def evaluate(task, trained, info, op, truth, manifold, cfg, stages, *, key, refs
     ``truth`` with PRNG key ``key``), a cached stage of its own.
 
     Returns:
-        (rows, shown): the table rows and, for the figures, the first case's arrays
+        (rows, shown): the table rows and, for the figures, the first signal's arrays
         ``{"truth", "y", "mask", "std", "est-<method>"}``, each (1, V, C).
     """
 
@@ -209,7 +210,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     parts = {"digits": ("mnist", cfg.mnist_prior, run_digits, digits_figure),
              "blind": ("era5", cfg.era5_prior, run_blind, blind_figure)}
     rows, samplers, figures = [], {}, []
-    for part in (p for p in PARTS if p in cfg.tasks):
+    for part in (p for p in PARTS if p in cfg.tasks):       # in PARTS order
         dataset, mode, fn, draw = parts[part]
         prior = train_or_load(dataset, mode, seed=cfg.seed, progress=False, t0=cfg.prior_t0)[0]
         stages = Stages(f"generalization-{part}", keyed, enabled=mode == "full", fresh=fresh,
@@ -224,13 +225,11 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
             p = path.with_name(f"{path.stem}-{name}{path.suffix}")
             s.save(p)
             print(f"saved the {name} sampler to {p}")
-    used = {"mnist": "digits", "era5": "blind"}
-    source = "; ".join(DATA_SOURCE[p] for p in PARTS if p in cfg.tasks)
-    result = {"meta": meta(cfg.seed, source, cfg,
-                           priors={ds: f"benchmarks/train_priors.py ({mode})"
-                                   for ds, mode in (("mnist", cfg.mnist_prior), ("era5", cfg.era5_prior))
-                                   if used[ds] in cfg.tasks},
-                           tasks=list(cfg.tasks),
+    ran = [p for p in PARTS if p in cfg.tasks]
+    result = {"meta": meta(cfg.seed, "; ".join(DATA_SOURCE[p] for p in ran), cfg,
+                           priors={parts[p][0]: f"benchmarks/train_priors.py ({parts[p][1]})"
+                                   for p in ran},
+                           tasks=ran,
                            units={"psnr": "dB, data range 1 (normalized units on the sphere)"}),
               "rows": rows}
     table = write_outputs(out, result, "Generalization of one trained sampler",
