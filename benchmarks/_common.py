@@ -95,9 +95,10 @@ def meta(seed: int, data_source: str, cfg, **extra) -> dict:
 
 
 def write_outputs(out: Path, result: dict, title: str, *, notes: str = "", extra=()) -> str:
-    """Write ``results.json`` and ``results.md`` to ``out``; returns the Markdown table."""
+    """Write ``results.json`` and ``results.md`` to ``out``; returns the Markdown table (with the
+    :data:`FPY_COLUMN` of runs that have FlowPerY after the ``extra`` columns)."""
     write_json(out / "results.json", result)
-    table = markdown_table(result["rows"], extra=extra)
+    table = markdown_table(result["rows"], extra=(*extra, FPY_COLUMN))
     (out / "results.md").write_text(f"# {title}\n\nData: {result['meta']['data_source']}.\n\n"
                                     f"{table}\n\n{notes}\n")
     return table

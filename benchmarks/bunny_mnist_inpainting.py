@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from _common import main as common_main  # noqa: E402
-from _common import FPY_COLUMN, Settings, Stages, compare, meta, write_outputs  # noqa: E402
+from _common import Settings, Stages, compare, meta, write_outputs  # noqa: E402
 
 from geodiff import Mesh  # noqa: E402
 from geodiff.baselines import gaussian_fit  # noqa: E402
@@ -83,7 +83,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
                            f"bunny ({cfg.prior_mode})",
                            units={"psnr": "dB, data range 1", "sigma": "grey levels in [0, 1]"}),
               "rows": rows}
-    table = write_outputs(out, result, "Bunny-MNIST inpainting", extra=(FPY_COLUMN,),
+    table = write_outputs(out, result, "Bunny-MNIST inpainting",
                           notes="DPS/MCG: one sample per measurement, ζ tuned on validation signals.")
     print(table)
     figure(mesh, test[0], meas, est, std[0], out / "bunny.png", ratio=cfg.ratio, sigma=cfg.sigma)

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from _common import main as common_main  # noqa: E402
-from _common import FPY_COLUMN, Settings, Stages, compare, meta, write_outputs  # noqa: E402
+from _common import Settings, Stages, compare, meta, write_outputs  # noqa: E402
 
 from geodiff import Sphere  # noqa: E402
 from geodiff.baselines import gaussian_fit  # noqa: E402
@@ -112,7 +112,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
                                   "rmse_K": "K, area-weighted", "sigma": "normalized units",
                                   "zeta": "normalized data units, non-squared residual norm"}),
               "rows": rows}
-    table = write_outputs(out, result, TASK, extra=(("rmse_K", "RMSE (K)", ".2f"), FPY_COLUMN),
+    table = write_outputs(out, result, TASK, extra=(("rmse_K", "RMSE (K)", ".2f"),),
                           notes="DPS/MCG: one sample per field, ζ tuned on validation fields "
                                 "(member 010). APS: trained on measurements of other ERA5-like "
                                 "fields (seed + 100), never on the test fields.")

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from _common import main as common_main  # noqa: E402
-from _common import FPY_COLUMN, Settings, Stages, compare, meta, write_outputs  # noqa: E402
+from _common import Settings, Stages, compare, meta, write_outputs  # noqa: E402
 
 from geodiff import Grid  # noqa: E402
 from geodiff.baselines import gaussian_fit  # noqa: E402
@@ -96,7 +96,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
         figure(grid, op, test, meas, est, std, out / f"{name}.png", task)
         if i + 1 < len(cfg.tasks):          # a long run shows its finished tasks as it goes
             print(write_outputs(out, {"meta": info | {"partial": f"{i + 1} of {len(cfg.tasks)} tasks"},
-                                      "rows": rows}, title, notes=notes, extra=(FPY_COLUMN,)))
+                                      "rows": rows}, title, notes=notes))
     if save_sampler is not None:
         for name, trained in samplers.items():
             path = Path(save_sampler)
@@ -104,7 +104,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
             trained.save(path)
             print(f"saved the {name} sampler to {path}")
     result = {"meta": info, "rows": rows}
-    table = write_outputs(out, result, title, notes=notes, extra=(FPY_COLUMN,))
+    table = write_outputs(out, result, title, notes=notes)
     print(table)
     return result
 
