@@ -209,8 +209,9 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     keyed = dataclasses.replace(cfg, tasks=PARTS)
     parts = {"digits": ("mnist", cfg.mnist_prior, run_digits, digits_figure),
              "blind": ("era5", cfg.era5_prior, run_blind, blind_figure)}
+    ran = [p for p in PARTS if p in cfg.tasks]             # in PARTS order
     rows, samplers, figures = [], {}, []
-    for part in (p for p in PARTS if p in cfg.tasks):       # in PARTS order
+    for part in ran:
         dataset, mode, fn, draw = parts[part]
         prior = train_or_load(dataset, mode, seed=cfg.seed, progress=False, t0=cfg.prior_t0)[0]
         stages = Stages(f"generalization-{part}", keyed, enabled=mode == "full", fresh=fresh,
@@ -225,7 +226,6 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
             p = path.with_name(f"{path.stem}-{name}{path.suffix}")
             s.save(p)
             print(f"saved the {name} sampler to {p}")
-    ran = [p for p in PARTS if p in cfg.tasks]
     result = {"meta": meta(cfg.seed, "; ".join(DATA_SOURCE[p] for p in ran), cfg,
                            priors={parts[p][0]: f"benchmarks/train_priors.py ({parts[p][1]})"
                                    for p in ran},
