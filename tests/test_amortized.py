@@ -246,7 +246,7 @@ def test_save_load_round_trip(grid, gprior, key, tmp_path, which):
         op = Denoise(0.1)
     # the diffusion case brings its own flow (other widths, the per-vertex MLP, a condition
     # encoder, another log-scale bound): the file must rebuild that flow, not the defaults
-    flow = (ConditionalRealNVP(grid, condition_channels=3, n_steps=2, hidden=8, n_eig=8, local_hidden=4,
+    flow = (ConditionalRealNVP(grid, condition_channels=4, n_steps=2, hidden=8, n_eig=8, local_hidden=4,
                                encoder_width=3, encoder_blocks=1, max_log_scale=1.5, seed=3)
             if which == "diffusion" else None)
     s = perturbed(AmortizedSampler(grid, prior, op, surrogate=np.asarray(gprior.sample(key, 32)),

@@ -1,20 +1,27 @@
-"""Amortized posterior sampling (APS): a conditional flow distilled from a prior and an operator,
-trained on measurements only (METHOD.md §4–§5, §9).
+"""Amortized posterior sampling (APS): a conditional flow distilled from a prior and an operator
+(docs/amortized.md).
 
-The sampler draws ``x = m₀(y) + L₀(y)·G_φ(z; c(y))``, ``z ~ N(0, I)``:
+The sampler draws ``x = m(y) + L₀(y)·G_φ(z; c(y))``, ``z ~ N(0, τ² I)``:
 
-* ``m₀, L₀``: the exact posterior mean and a square root of the posterior covariance under a
-  Gaussian *surrogate* of the prior (fitted to prior samples; :mod:`geodiff.amortized.surrogate`);
+* ``m``: the centre, the prior's best one-pass estimate: the Tweedie (Noise2Score) posterior mean
+  of the prior for :class:`~geodiff.operators.Denoise` (``centre="tweedie"``), or the exact
+  posterior mean m₀ of a Gaussian *surrogate* of the prior (kriging; ``centre="surrogate"``);
+* ``L₀``: a square root of the surrogate's posterior covariance (:mod:`geodiff.amortized.surrogate`);
 * ``G_φ``: a :class:`~geodiff.flows.ConditionalRealNVP` on the whitened coordinates, conditioned on
-  ``c(y)`` = [(m₀ − μ)/s, Aᵀ(y − Aμ)/s, mask] (s the surrogate's prior std). It starts as the
-  identity, so an untrained sampler samples the surrogate posterior exactly.
+  ``c(y)`` = [(m − μ)/s, Aᵀ(y − Aμ)/s, mask, sd₀/s] (μ, s the surrogate's prior mean and std, sd₀
+  the base's per-entry std). It starts as the identity, so an untrained sampler's mean *is* its
+  centre and (with the surrogate centre) it samples the surrogate posterior exactly;
+* ``τ``: the base temperature, 1 until :meth:`AmortizedSampler.calibrate` sets it.
 
-Training minimises, per measurement and draw z (METHOD.md §4; reported per dimension D = V·C),
+Three objectives (:meth:`AmortizedSampler.fit`):
 
-    log q(x | y) − log p(y | x) − λ · b(x),    x = G(z, y),
-
-whose mean is KL(q(·|y) ‖ p(·|y)) − log p(y) when ``b = log p`` (``prior_term="exact"``) and an
-upper bound of it with the diffusion ELBO (``prior_term="elbo"``, the method).
+* ``"reverse"`` (the paper's loss, measurements only): per measurement and draw z (reported per
+  dimension D = V·C) ``log q(x | y) − log p(y | x) − λ · b(x)``, x = G(z, y), whose mean is
+  KL(q(·|y) ‖ p(·|y)) − log p(y) when ``b = log p`` (``prior_term="exact"``) and an upper bound of
+  it with the diffusion ELBO (``prior_term="elbo"``, the method);
+* ``"pairs"`` (simulated-pair distillation, forward KL): ``−log q(x | A(x) + n)`` over clean prior
+  signals x with a fresh operator draw and noise each step;
+* ``"pairs+reverse"``: pairs, then a fine-tune with the paper's loss on the measurements.
 
 Dimension letters: N training measurements, B batch, n samples, V vertices, C channels, Vy
 measured entries, D = V·C.
@@ -23,6 +30,7 @@ measured entries, D = V·C.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from pathlib import Path
@@ -35,7 +43,7 @@ from flax import nnx
 from geodiff._cache import atomic_savez
 from geodiff.amortized import io as _io
 from geodiff.amortized.surrogate import (GaussianSurrogate, base_forward, base_inverse, base_params,
-                                         dense_posterior, selection_shared, solver_kind)
+                                         base_std, dense_posterior, selection_shared, solver_kind)
 from geodiff.diffusion.base import Prior
 from geodiff.diffusion.prior import _flatten, _key, _unflatten
 from geodiff.flows import ConditionalRealNVP
@@ -44,8 +52,46 @@ from geodiff.manifolds.spec import manifold_from_spec, manifold_spec
 from geodiff.operators import LinearOperator, Measurement
 from geodiff.train import fit as _fit
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PRIOR_TERMS = ("elbo", "exact")
+CENTRES = ("auto", "surrogate", "tweedie")
+OBJECTIVES = ("reverse", "pairs", "pairs+reverse")
+
+
+def _check_temperature(value) -> float:
+    if not (isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _concat_histories(stages):
+    """One history from consecutive stages [(name, History)]: lists concatenated (steps and times
+    running on; NaN where a stage lacks an entry), ``stage`` naming each entry's stage, scalars
+    summed (``n_bad``, ``compile_s``) or taken from the last stage (``step_s``)."""
+    from geodiff.train import History
+
+    keys = []
+    for _, h in stages:
+        keys += [k for k, v in h.items() if isinstance(v, list) and k not in keys]
+    out = History({k: [] for k in keys})
+    out["stage"] = []
+    step0 = time0 = 0.0
+    for name, h in stages:
+        n = len(h["step"])
+        for k in keys:
+            vals = h.get(k, [float("nan")] * n)
+            if k == "step":
+                vals = [int(v + step0) for v in vals]
+            elif k == "time":
+                vals = [v + time0 for v in vals]
+            out[k].extend(vals)
+        out["stage"].extend([name] * n)
+        step0, time0 = out["step"][-1], out["time"][-1]
+    out["n_bad"] = sum(h.get("n_bad", 0) for _, h in stages)
+    out["compile_s"] = sum(h.get("compile_s", 0.0) for _, h in stages)
+    out["step_s"] = stages[-1][1].get("step_s", float("nan"))
+    return out
 
 
 def _check_int(value, name: str, lo: int = 1) -> int:
@@ -66,9 +112,14 @@ class AmortizedSampler:
             per-measurement base in O(D R²)), ``Blur`` and ``SuperResolution`` (shared dense base,
             D ≤ 8192).
         flow: a :class:`~geodiff.ConditionalRealNVP` with ``channels=C`` and
-            ``condition_channels=2C + 1`` on ``manifold``; None builds one from ``n_steps``,
+            ``condition_channels=3C + 1`` on ``manifold``; None builds one from ``n_steps``,
             ``conditioner``, ``hidden``, ``n_eig``, ``local_hidden``, ``encoder_width``,
             ``encoder_blocks`` and ``seed``.
+        centre: the base mean m(y). ``"tweedie"``: the prior's Tweedie estimate at the
+            measurement's noise level (Noise2Score: one network evaluation per measurement;
+            :class:`~geodiff.operators.Denoise` only). ``"surrogate"``: the surrogate's exact
+            posterior mean (kriging). ``"auto"`` (default): Tweedie for Denoise, else the surrogate.
+        temperature: τ > 0, std of the flow's latent z (1: untempered; set by :meth:`calibrate`).
         prior_term: ``"elbo"`` (the method: the diffusion ELBO b(x) with ``n_t`` stratified
             draws) or ``"exact"`` (``prior.log_prob``, for analytic priors; for studies).
         surrogate: the Gaussian surrogate of the prior: a :class:`GaussianSurrogate`, or prior
@@ -87,6 +138,8 @@ class AmortizedSampler:
 
     Attributes:
         manifold, prior, operator, flow, surrogate, prior_term, n_t, antithetic, prior_weight.
+        centre: the resolved centre, ``"tweedie"`` or ``"surrogate"``.
+        temperature: τ.
         history: the training history of the latest :meth:`fit` (None before).
 
     Raises:
@@ -94,7 +147,8 @@ class AmortizedSampler:
     """
 
     def __init__(self, manifold: Manifold, prior: Prior, operator: LinearOperator, *,
-                 flow: ConditionalRealNVP | None = None, prior_term: str = "elbo", surrogate=None,
+                 flow: ConditionalRealNVP | None = None, centre: str = "auto",
+                 temperature: float = 1.0, prior_term: str = "elbo", surrogate=None,
                  surrogate_samples: int = 2048, surrogate_rank: int = 256, n_t: int = 4,
                  antithetic: bool = True, prior_weight: float = 1.0, n_steps: int = 8,
                  conditioner: str = "spectral",
@@ -119,6 +173,23 @@ class AmortizedSampler:
         elif operator.manifold.n_vertices != manifold.n_vertices:
             raise ValueError(f"operator is bound to {operator.manifold!r}, not to a manifold with "
                              f"{manifold.n_vertices} vertices")
+        if centre not in CENTRES:
+            raise ValueError(f"centre must be one of {CENTRES}, got {centre!r}")
+        is_denoise = type(operator).__name__ == "Denoise"
+        if centre == "tweedie" and not is_denoise:
+            raise ValueError(f"centre='tweedie' needs a Denoise operator (Tweedie's formula gives "
+                             f"E[x | y] for y = x + noise), got {type(operator).__name__}; use "
+                             "centre='surrogate'")
+        self.centre = "tweedie" if (centre == "tweedie" or (centre == "auto" and is_denoise)) \
+            else "surrogate"
+        if self.centre == "tweedie":
+            t_star = float(prior.sde.t_from_noise_ratio(operator.sigma))
+            if not prior.sde.t0 <= t_star <= 1:
+                raise ValueError(f"operator.sigma = {operator.sigma} is outside the prior's noise "
+                                 f"range (t* = {t_star:.3g} not in [t0, 1]): centre='tweedie' "
+                                 "cannot be used")
+            self._t_star = t_star
+        self.temperature = _check_temperature(temperature)
         if prior_term not in PRIOR_TERMS:
             raise ValueError(f"prior_term must be one of {PRIOR_TERMS}, got {prior_term!r}")
         if prior_term == "exact" and not hasattr(prior, "log_prob_t"):
@@ -151,7 +222,7 @@ class AmortizedSampler:
             raise ValueError(f"surrogate.mean must have shape ({V}, {C}), got {surrogate.mean.shape}")
         self.surrogate = surrogate
 
-        cc = 2 * C + 1
+        cc = 3 * C + 1
         if flow is None:
             flow = ConditionalRealNVP(manifold, channels=C, condition_channels=cc, n_steps=n_steps,
                                       conditioner=conditioner, hidden=hidden, n_eig=n_eig,
@@ -161,7 +232,7 @@ class AmortizedSampler:
             raise TypeError(f"flow must be a ConditionalRealNVP, got {type(flow).__name__}")
         if (flow.n_vertices, flow.channels, flow.condition_channels) != (V, C, cc):
             raise ValueError(f"flow must have n_vertices={V}, channels={C} and condition_channels="
-                             f"{cc} (2C + 1), got {flow.n_vertices}, {flow.channels}, "
+                             f"{cc} (3C + 1), got {flow.n_vertices}, {flow.channels}, "
                              f"{flow.condition_channels}")
         self.flow_config = dict(flow.config)
         self._graphdef, self.params, self._consts = nnx.split(flow, nnx.Param, ...)
@@ -184,6 +255,7 @@ class AmortizedSampler:
     def __repr__(self) -> str:
         return (f"AmortizedSampler({self.manifold!r}, {type(self.prior).__name__}, "
                 f"{type(self.operator).__name__}(sigma={self.operator.sigma}), "
+                f"centre={self.centre!r}, temperature={self.temperature:.4g}, "
                 f"prior_term={self.prior_term!r}, rank={self.surrogate.rank})")
 
     @property
@@ -196,7 +268,8 @@ class AmortizedSampler:
         return int(sum(np.size(a) for a in jax.tree.leaves(self.params)))
 
     def _frozen(self) -> dict:
-        return {"consts": self._consts, "sur": self.surrogate, "shared": self._shared}
+        return {"consts": self._consts, "sur": self.surrogate, "shared": self._shared,
+                "tau": jnp.float32(self.temperature)}
 
     def check_measurement(self, measurement, *, batched: bool | None = None,
                           name: str = "measurement") -> tuple[int, ...]:
@@ -240,20 +313,40 @@ class AmortizedSampler:
         return batch
 
     def _features(self, sur, m: Measurement, b: dict):
-        """Condition c(y) (B, V, 2C + 1)."""
+        """Condition c(y) (B, V, 3C + 1) = [(m − μ)/s, Aᵀ(y − Aμ)/s, mask, sd₀/s]."""
         B = m.y.shape[0]
         V, C = sur.mean.shape
         sd = sur.marginal_std
         mu = jnp.broadcast_to(sur.mean, (B, V, C))
         back = self.operator.adjoint(m.y - self.operator.forward(mu, m), m) / sd
         mask = m.mask.astype(sd.dtype) if self.kind == "selection" else jnp.ones((B, V, 1), sd.dtype)
-        return jnp.concatenate([(b["m0"] - sur.mean) / sd, back, mask], axis=-1)
+        return jnp.concatenate([(b["m0"] - sur.mean) / sd, back, mask, b["std"] / sd], axis=-1)
 
     def _base(self, frozen, m: Measurement) -> dict:
-        return base_params(self.operator, m, frozen["sur"], shared=frozen["shared"])
+        """The base of B measurements: ``m0`` (B, V, C) is the centre m(y), ``std`` (B, V, C) the
+        base's per-entry std, plus the surrogate solver's covariance factor."""
+        b = base_params(self.operator, m, frozen["sur"], shared=frozen["shared"])
+        if self.centre == "tweedie":
+            t = self._t_star
+            b["m0"] = jax.lax.stop_gradient(
+                self.prior.denoise(self.prior.sde.alpha(t) * m.y, t).astype(b["m0"].dtype))
+        b["std"] = base_std(self.kind, frozen["sur"], frozen["shared"], b)
+        return b
+
+    @staticmethod
+    def _log_latent(z, tau):
+        """log N(z; 0, τ² I) over all V·C entries (the sampler draws z on all of them), (B,)."""
+        d = z.shape[-2] * z.shape[-1]
+        return (-0.5 * jnp.sum(z**2, axis=(-2, -1)) / tau**2
+                - d * (jnp.log(tau) + 0.5 * math.log(2 * math.pi)))
 
     # ---------------------------------------------------------------------- training
-    def _loss(self, params, batch, key, frozen):
+    def _loss_reverse(self, params, batch, key, frozen, *, stl: bool = False):
+        """The paper's loss on measurements: log q(x|y) − log p(y|x) − λ b(x), x = G(z, y).
+
+        ``stl``: sticking-the-landing path gradient (Roeder et al. 2017): log q is evaluated with
+        the flow's parameters held fixed at x(φ), which drops the zero-mean score term of the
+        gradient; the loss value is unchanged."""
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
         m, b, c = batch["m"], batch["b"], batch["c"]
         sur = frozen["sur"]
@@ -261,14 +354,19 @@ class AmortizedSampler:
         V, C = sur.mean.shape
         D = V * C
         k_z, k_p = jax.random.split(key)
-        z = jax.random.normal(k_z, (B, V, C))
+        z = frozen["tau"] * jax.random.normal(k_z, (B, V, C))
         u, ld_flow = flow.forward(z, c)
         x, ld_base = base_forward(self.kind, sur, frozen["shared"], b, u)
         s2 = self.operator.sigma**2
         resid = m.y - self.operator.forward(x, m)
         n_obs = jnp.sum(m.mask, axis=(-2, -1)) * C
         log_lik = -0.5 * jnp.sum(resid**2, axis=(-2, -1)) / s2 - 0.5 * n_obs * math.log(2 * math.pi * s2)
-        log_q = -0.5 * jnp.sum(z**2, axis=(-2, -1)) - 0.5 * D * math.log(2 * math.pi) - ld_flow - ld_base
+        if stl:
+            fixed = nnx.merge(self._graphdef, jax.lax.stop_gradient(params), frozen["consts"])
+            z_back, ld_inv = fixed.inverse(u, c)
+            log_q = self._log_latent(z_back, frozen["tau"]) + ld_inv - ld_base
+        else:
+            log_q = self._log_latent(z, frozen["tau"]) - ld_flow - ld_base
         if self.prior_term == "exact":
             log_p = self.prior.log_prob(x)
         else:
@@ -278,32 +376,54 @@ class AmortizedSampler:
                "log_q": jnp.mean(log_q) / D}
         return jnp.mean(per) / D, aux
 
-    def fit(self, key, measurements: Measurement, *, steps: int, batch_size: int = 64,
-            learning_rate: float = 3e-4, warmup_steps: int = 100, clip_norm: float | None = 1.0,
-            ema_decay: float | None = None, checkpoint_dir=None, checkpoint_every: int = 500,
-            resume: bool = True, log_every: int = 10, progress: bool = True, devices=None,
-            max_bad_steps: int = 100) -> tuple["AmortizedSampler", dict]:
-        """Train the flow on measurements only (no ground truth). The receiver keeps its parameters;
-        it only caches the bases of ``measurements``, so a staged or resumed fit on the same object
-        does not solve them again.
+    _loss = _loss_reverse
 
-        Args:
-            key: PRNG key.
-            measurements: N training measurements (batch shape (N,)) of this sampler's operator.
-            steps: optimizer steps (a resumed run continues up to this number).
-            batch_size: measurements per step (one draw z each), ≤ N.
-            learning_rate, warmup_steps, clip_norm, ema_decay, checkpoint_dir, checkpoint_every,
-                resume, log_every, progress, devices, max_bad_steps: as in :func:`geodiff.train.fit`
-                (Adam with linear warm-up, global-norm clipping, atomic checkpoints with exact
-                resume, NaN guard, data parallelism).
+    def _loss_pairs(self, params, batch, key, frozen):
+        """Forward KL on simulated pairs: −log q(x | A(x) + n) per dimension, with a fresh operator
+        draw and noise for each signal x; x from ``batch["x"]`` or, without signals, fresh exact
+        draws of an analytic prior."""
+        flow = nnx.merge(self._graphdef, params, frozen["consts"])
+        sur = frozen["sur"]
+        V, C = sur.mean.shape
+        k_x, k_m = jax.random.split(key)
+        if "x" in batch:
+            x = batch["x"]
+        else:
+            x = self.prior.sample(k_x, batch["n"].shape[0]).astype(sur.mean.dtype)
+        m = self.operator.measure(k_m, x)
+        b = self._base(frozen, m)
+        c = self._features(sur, m, b)
+        b = {k: v for k, v in b.items() if k != "std"}
+        u, ld_base = base_inverse(self.kind, sur, frozen["shared"], b, x)
+        z, ld_inv = flow.inverse(u, c)
+        log_q = self._log_latent(z, frozen["tau"]) + ld_inv - ld_base
+        nll = -jnp.mean(log_q) / (V * C)
+        return nll, {"nll": nll, "z_rms": jnp.sqrt(jnp.mean(z**2))}
 
-        Returns:
-            ``(trained_sampler, history)``; history entries (per dimension, nats): ``loss`` (KL − log
-            p(y) with the exact prior term), ``data`` (−log p(y|x)), ``prior`` (−b(x) or −log p(x)),
-            ``log_q``; plus ``base_s`` (seconds to build the per-measurement bases) and the
-            timings of :func:`geodiff.train.fit`.
-        """
-        self.check_measurement(measurements, batched=True, name="measurements")
+    def _check_signals(self, signals, name: str = "signals"):
+        """Validated clean prior signals (N, V, C) float32, or None (draw from an analytic prior)."""
+        V, C = self.manifold.n_vertices, self.channels
+        if signals is None:
+            if not hasattr(self.prior, "log_prob_t"):
+                raise ValueError(f"{name}=None draws fresh signals from the prior, which needs an "
+                                 f"analytic prior with exact samples (GaussianPrior, "
+                                 f"GaussianMixturePrior); {type(self.prior).__name__} needs "
+                                 f"{name}= clean prior signals (N, {V}, {C}): its training set or "
+                                 "samples drawn with prior.sample")
+            return None
+        x = np.asarray(signals)
+        if x.ndim != 3 or x.shape[1:] != (V, C) or len(x) < 1:
+            raise ValueError(f"{name} must have shape (N, {V}, {C}) (clean prior signals on "
+                             f"{self.manifold!r}), got {x.shape}")
+        if not np.issubdtype(x.dtype, np.number):
+            raise TypeError(f"{name} must be a numeric array, got dtype {x.dtype}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        return jnp.asarray(x, jnp.float32)
+
+    def _measurement_batch(self, measurements):
+        """(m, b, c) of the training measurements, cached on the sampler so a staged or resumed fit
+        does not solve the bases again; also returns the seconds it took."""
         t0 = time.perf_counter()
         frozen = self._frozen()
         cache = self._train_cache
@@ -314,18 +434,118 @@ class AmortizedSampler:
             b = jax.block_until_ready(jax.jit(self._base)(frozen, m))
             c = jax.jit(self._features)(frozen["sur"], m, b)
             jax.block_until_ready(c)
+            b = {k: v for k, v in b.items() if k != "std"}
             self._train_cache = (measurements, m, b, c)
-        base_s = time.perf_counter() - t0
-        state, history = _fit(key, self._loss, self.params, {"m": m, "b": b, "c": c}, steps=steps,
-                              batch_size=batch_size, learning_rate=learning_rate,
-                              warmup_steps=warmup_steps, clip_norm=clip_norm, ema_decay=ema_decay,
-                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                              resume=resume, log_every=log_every, progress=progress, devices=devices,
-                              max_bad_steps=max_bad_steps, has_aux=True, frozen=frozen)
+        return (m, b, c), time.perf_counter() - t0
+
+    def fit(self, key, measurements: Measurement | None = None, *, steps: int,
+            objective: str = "reverse", signals=None, finetune_steps: int | None = None,
+            stl: bool = False, batch_size: int = 64, learning_rate: float = 3e-4,
+            warmup_steps: int = 100, clip_norm: float | None = 1.0, ema_decay: float | None = None,
+            checkpoint_dir=None, checkpoint_every: int = 500, resume: bool = True,
+            log_every: int = 10, progress: bool = True, devices=None,
+            max_bad_steps: int = 100) -> tuple["AmortizedSampler", dict]:
+        """Train the flow. The receiver keeps its parameters; it only caches the bases of
+        ``measurements``, so a staged or resumed fit on the same object does not solve them again.
+
+        What the sampler learns from (say so when reporting it):
+
+        * ``"reverse"``: the paper's loss on ``measurements`` only (no ground truth);
+        * ``"pairs"``: clean prior signals, ``signals`` (the prior's training set, or draws of the
+          prior; never test signals) or, with ``signals=None`` and an analytic prior, fresh exact
+          prior draws each step. Each step measures the batch anew (fresh masks and noise) and
+          maximises log q(x | A(x) + n). ``measurements`` may be None;
+        * ``"pairs+reverse"``: ``steps`` of pairs, then ``finetune_steps`` of the paper's loss on
+          ``measurements``.
+
+        Args:
+            key: PRNG key.
+            measurements: N training measurements (batch shape (N,)) of this sampler's operator.
+            steps: optimizer steps of the first (or only) objective (a resumed run continues up to
+                this number).
+            objective: ``"reverse"``, ``"pairs"`` or ``"pairs+reverse"``.
+            signals: (N, V, C) clean prior signals for the pair objectives, or None (analytic
+                priors only).
+            finetune_steps: reverse steps after pairs (``"pairs+reverse"``; default steps // 4).
+            stl: path (sticking-the-landing) gradient for the reverse loss.
+            batch_size: measurements (or signals) per step (one draw z each).
+            learning_rate, warmup_steps, clip_norm, ema_decay, checkpoint_dir, checkpoint_every,
+                resume, log_every, progress, devices, max_bad_steps: as in :func:`geodiff.train.fit`
+                (Adam with linear warm-up, global-norm clipping, atomic checkpoints with exact
+                resume, NaN guard, data parallelism). With ``"pairs+reverse"`` the two stages
+                checkpoint in ``checkpoint_dir/pairs`` and ``checkpoint_dir/reverse``.
+
+        Returns:
+            ``(trained_sampler, history)``; history entries (per dimension, nats): ``loss``; for the
+            reverse objective ``data`` (−log p(y|x)), ``prior`` (−b(x) or −log p(x)) and ``log_q``
+            (the loss is KL − log p(y) with the exact prior term); for pairs ``nll``
+            (−log q(x|y)) and ``z_rms``. ``base_s`` is the seconds to build the bases of the
+            training measurements, ``objective`` the objective and, for ``"pairs+reverse"``,
+            ``stage`` tells each entry's stage (the two stages' histories are concatenated, steps
+            and times running on).
+
+        Raises:
+            ValueError: an unknown ``objective``, missing ``measurements`` for a reverse stage,
+                ``signals`` of the wrong shape or with NaN, or ``signals=None`` with a prior that
+                cannot draw exact samples.
+        """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        _check_int(steps, "steps")
+        pairs, reverse = objective.startswith("pairs"), objective.endswith("reverse")
+        if reverse:
+            if measurements is None:
+                raise ValueError(f"objective={objective!r} trains on measurements: pass "
+                                 "measurements (batch shape (N,))")
+            self.check_measurement(measurements, batched=True, name="measurements")
+        elif measurements is not None:
+            self.check_measurement(measurements, batched=True, name="measurements")
+        if pairs:
+            signals = self._check_signals(signals)
+            if signals is not None and batch_size > len(signals):
+                raise ValueError(f"batch_size ({batch_size}) must be ≤ the number of signals "
+                                 f"({len(signals)})")
+        elif signals is not None:
+            raise ValueError(f"signals are used by the pair objectives only, not by "
+                             f"objective={objective!r}")
+        n_fine = None
+        if objective == "pairs+reverse":
+            n_fine = max(1, steps // 4) if finetune_steps is None else _check_int(finetune_steps,
+                                                                                  "finetune_steps")
+        elif finetune_steps is not None:
+            raise ValueError("finetune_steps applies to objective='pairs+reverse' only")
+        common = dict(batch_size=batch_size, learning_rate=learning_rate,
+                      warmup_steps=warmup_steps, clip_norm=clip_norm, ema_decay=ema_decay,
+                      checkpoint_every=checkpoint_every, resume=resume, log_every=log_every,
+                      progress=progress, devices=devices, max_bad_steps=max_bad_steps,
+                      has_aux=True, frozen=self._frozen())
+        sub = lambda name: (None if checkpoint_dir is None  # noqa: E731
+                            else Path(checkpoint_dir) / name if objective == "pairs+reverse"
+                            else checkpoint_dir)
+        params, histories = self.params, []
+        base_s = 0.0
+        if pairs:
+            k_pairs = key if objective == "pairs" else jax.random.fold_in(key, 1)
+            data = ({"x": signals} if signals is not None
+                    else {"n": jnp.zeros((batch_size,), jnp.float32)})
+            state, h = _fit(k_pairs, self._loss_pairs, params, data, steps=steps,
+                            checkpoint_dir=sub("pairs"), **common)
+            params = jax.device_get(state.ema if ema_decay is not None else state.params)
+            histories.append(("pairs", h))
+        if reverse:
+            (m, b, c), base_s = self._measurement_batch(measurements)
+            k_rev = key if objective == "reverse" else jax.random.fold_in(key, 2)
+            loss = functools.partial(self._loss_reverse, stl=bool(stl))
+            state, h = _fit(k_rev, loss, params, {"m": m, "b": b, "c": c},
+                            steps=steps if n_fine is None else n_fine,
+                            checkpoint_dir=sub("reverse"), **common)
+            params = jax.device_get(state.ema if ema_decay is not None else state.params)
+            histories.append(("reverse", h))
+        history = histories[0][1] if len(histories) == 1 else _concat_histories(histories)
         history["base_s"] = base_s
+        history["objective"] = objective
         new = copy.copy(self)
-        new.params = jax.device_get(state.ema if ema_decay is not None else state.params)
-        new.params = jax.tree.map(jnp.asarray, new.params)
+        new.params = jax.tree.map(jnp.asarray, params)
         new.history = history
         new._jit_sample = jax.jit(new._sample_impl, static_argnames=("n",))
         new._jit_log_prob = jax.jit(new._log_prob_impl)
@@ -338,8 +558,9 @@ class AmortizedSampler:
         V, C = frozen["sur"].mean.shape
         b = self._base(frozen, m)
         c = self._features(frozen["sur"], m, b)
+        b = {k: v for k, v in b.items() if k != "std"}
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
-        z = jax.random.normal(key, (n * B, V, C))
+        z = frozen["tau"] * jax.random.normal(key, (n * B, V, C))
         rep = lambda a: jnp.broadcast_to(a[None], (n, *a.shape)).reshape(n * B, *a.shape[1:])  # noqa: E731
         u, _ = flow.forward(z, rep(flow.encode(c)), encoded=True)   # the encoder once per y
         x, _ = base_forward(self.kind, frozen["sur"], frozen["shared"], jax.tree.map(rep, b), u)
@@ -368,11 +589,13 @@ class AmortizedSampler:
         S, B, V, C = x.shape
         b = self._base(frozen, m)
         c = self._features(frozen["sur"], m, b)
+        b = {k: v for k, v in b.items() if k != "std"}
         rep = lambda a: jnp.broadcast_to(a[None], (S, *a.shape)).reshape(S * B, *a.shape[1:])  # noqa: E731
         u, ld_base = base_inverse(self.kind, frozen["sur"], frozen["shared"], jax.tree.map(rep, b),
                                   x.reshape(S * B, V, C))
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
-        log_q = flow.log_prob(u, rep(flow.encode(c)), encoded=True) - ld_base
+        z, ld_inv = flow.inverse(u, rep(flow.encode(c)), encoded=True)
+        log_q = self._log_latent(z, frozen["tau"]) + ld_inv - ld_base
         return log_q.reshape(S, B)
 
     def log_prob(self, x, measurement: Measurement):
@@ -403,6 +626,91 @@ class AmortizedSampler:
         x = self.sample(key, measurement, n)
         return x.mean(axis=0), x.std(axis=0)
 
+    def with_temperature(self, temperature: float) -> "AmortizedSampler":
+        """A copy with base temperature τ (the flow, its compiled programs and everything else
+        shared: τ is an argument of them, so no recompilation)."""
+        new = copy.copy(self)
+        new.temperature = _check_temperature(temperature)
+        return new
+
+    def calibrate(self, key, signals, *, level: float = 0.9, n_samples: int = 64,
+                  batch: int = 32, iters: int = 14, bounds: tuple[float, float] = (0.05, 20.0)
+                  ) -> "AmortizedSampler":
+        """A copy whose base temperature τ makes the central ``level`` intervals cover ``level``.
+
+        Fresh simulated pairs: each clean signal of ``signals`` is measured with this sampler's
+        operator (a fresh mask and noise), ``n_samples`` samples are drawn at temperature τ with
+        the same latent draws for every τ (common random numbers), and the coverage of the true
+        values by the per-entry central ``level`` intervals is averaged with the manifold's mass
+        as weights, over the entries a mask leaves unobserved (:class:`RandomMask`) or over all
+        of them (other operators). τ is found by bisection on log τ (coverage grows with τ).
+        ``log_prob`` stays exact: τ is the std of the flow's latent.
+
+        Args:
+            key: PRNG key.
+            signals: (N, V, C) clean prior signals not used in training (held-out training-set
+                signals or prior draws; never test signals).
+            level: nominal coverage in (0, 1).
+            n_samples: samples per pair (≥ 8).
+            batch: pairs per sampling call (bounds memory).
+            iters: bisection steps.
+            bounds: (lo, hi) search range of τ.
+
+        Returns:
+            The calibrated sampler (``temperature`` set; ``calibration`` holds τ, the coverage
+            reached, the number of pairs and samples).
+
+        Raises:
+            ValueError: ``level`` outside (0, 1), bad ``signals``, or a target coverage that τ in
+                ``bounds`` cannot reach.
+        """
+        from geodiff.metrics import coverage    # numpy-only helpers; no layer above is imported
+
+        if not (isinstance(level, (int, float, np.floating)) and 0 < level < 1):
+            raise ValueError(f"level must be in (0, 1), got {level!r}")
+        x = self._check_signals(signals)
+        if x is None:
+            raise ValueError("signals must be clean prior signals (N, V, C), got None")
+        n_samples = _check_int(n_samples, "n_samples", 8)
+        batch = _check_int(batch, "batch")
+        iters = _check_int(iters, "iters")
+        lo, hi = (float(b) for b in bounds)
+        if not 0 < lo < hi:
+            raise ValueError(f"bounds must be (lo, hi) with 0 < lo < hi, got {bounds!r}")
+        k_m, k_z = jax.random.split(key)
+        meas = self.operator.measure(k_m, x)
+        frozen = self._frozen()
+        weights = np.asarray(self.manifold.mass, np.float64)
+        N = len(x)
+        chunks = [slice(i, min(i + batch, N)) for i in range(0, N, batch)]
+        where = (None if self.kind != "selection" or type(self.operator).__name__ == "Denoise"
+                 else ~np.asarray(meas.mask))
+        truth = np.asarray(x, np.float64)
+
+        def cover(tau):
+            fr = frozen | {"tau": jnp.float32(tau)}
+            xs = np.concatenate([np.asarray(jax.block_until_ready(self._jit_sample(
+                self.params, fr, jax.tree.map(lambda a: a[sl], meas), k_z, n=n_samples)))
+                for sl in chunks], axis=1)                     # (n, N, V, C)
+            return float(np.mean(coverage(xs, truth, level=level, weights=weights, where=where)))
+
+        c_lo, c_hi = cover(lo), cover(hi)
+        if not c_lo <= level <= c_hi:
+            raise ValueError(f"coverage {level} is out of reach for temperatures in {bounds} "
+                             f"(coverage {c_lo:.3f} at τ = {lo}, {c_hi:.3f} at τ = {hi})")
+        a, b = math.log(lo), math.log(hi)
+        for _ in range(iters):
+            mid = 0.5 * (a + b)
+            if cover(math.exp(mid)) < level:
+                a = mid
+            else:
+                b = mid
+        tau = math.exp(0.5 * (a + b))
+        out = self.with_temperature(tau)
+        out.calibration = {"temperature": tau, "level": float(level), "coverage": cover(tau),
+                           "pairs": N, "samples": n_samples}
+        return out
+
     # ---------------------------------------------------------------------- save/load
     def save(self, path) -> Path:
         """Write the sampler (prior, operator, manifold, surrogate, flow) to one ``.npz``,
@@ -415,6 +723,8 @@ class AmortizedSampler:
         meta = {"format": FORMAT_VERSION, "class": "AmortizedSampler", "manifold_spec": spec,
                 "manifold": repr(self.manifold), "prior": pmeta,
                 "operator": _io.operator_spec(self.operator), "prior_term": self.prior_term,
+                "centre": self.centre, "temperature": self.temperature,
+                "calibration": getattr(self, "calibration", None),
                 "n_t": self.n_t, "antithetic": self.antithetic, "prior_weight": self.prior_weight,
                 "flow": self.flow_config}
         arrays = {"meta": _io.dumps(meta), **spec_arrays, **parrays, **flat,
@@ -436,6 +746,11 @@ class AmortizedSampler:
             meta = _io.loads(f["meta"])
             if meta.get("class") != "AmortizedSampler":
                 raise ValueError(f"path: {str(path)!r} is not a saved AmortizedSampler")
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"path: {str(path)!r} was saved in sampler format "
+                                 f"{meta.get('format')!r}, this geodiff reads format "
+                                 f"{FORMAT_VERSION} (the flow's condition changed in 0.4): refit "
+                                 "the sampler")
             arrays = {k: f[k] for k in f.files}
         manifold = manifold_from_spec(meta["manifold_spec"], arrays)
         prior = _io.prior_from_spec(meta["prior"], arrays, manifold)
@@ -443,10 +758,11 @@ class AmortizedSampler:
         sur = GaussianSurrogate(*(jnp.asarray(arrays[f"surrogate/{k}"])
                                   for k in ("mean", "factor", "nugget")))
         fc = meta["flow"]
-        out = cls(manifold, prior, operator, prior_term=meta["prior_term"], surrogate=sur,
+        out = cls(manifold, prior, operator, centre=meta["centre"], temperature=meta["temperature"],
+                  prior_term=meta["prior_term"], surrogate=sur,
                   n_t=meta["n_t"], antithetic=meta["antithetic"], prior_weight=meta["prior_weight"],
                   flow=ConditionalRealNVP(manifold, channels=prior.channels,
-                                          condition_channels=2 * prior.channels + 1,
+                                          condition_channels=3 * prior.channels + 1,
                                           n_steps=fc["n_steps"], conditioner=fc["conditioner"],
                                           hidden=fc["hidden"], n_eig=fc["n_eig"],
                                           local_hidden=fc.get("local_hidden", 0),  # files before 0.3
@@ -459,5 +775,7 @@ class AmortizedSampler:
         if set(_flatten(pure)) != set(flat):
             raise ValueError(f"path: flow parameters in {str(path)!r} do not match its flow config")
         nnx.replace_by_pure_dict(out.params, _unflatten(flat))
+        if meta.get("calibration") is not None:
+            out.calibration = meta["calibration"]
         return out
 

@@ -347,3 +347,26 @@ def base_inverse(kind: str, sur: GaussianSurrogate, shared, b: dict, x):
                 jnp.broadcast_to(fixed["logdet"], (B,)))
     u = jax.vmap(functools.partial(_sel_solve, sur.factor))(b, v)
     return u.reshape(B, V, C), b["logdet"]
+
+
+def base_std(kind: str, sur: GaussianSurrogate, shared, b: dict):
+    """Per-entry standard deviation of the base, √diag(L₀ L₀ᵀ), shape (B, V, C).
+
+    Selection solver: Σ = diag(r)(I + Z Zᵀ)diag(r) with Z Q = diag(a) F W, so
+    diag Σ = r² (1 + Σₖ (a ⊙ (F W)ₖ)²), O(D R²) per measurement (once for :class:`Denoise`).
+    Dense solver: the row norms of the shared Cholesky factor.
+    """
+    B = b["m0"].shape[0]
+    V, C = sur.mean.shape
+    if kind == "dense":
+        chol = shared[0]
+        return jnp.broadcast_to(jnp.sqrt(jnp.sum(chol**2, axis=1)).reshape(V, C), (B, V, C))
+
+    def one(f):
+        zq = f["a"][:, None] * (sur.factor @ f["W"])
+        return (f["r"] * jnp.sqrt(1 + jnp.sum(zq**2, axis=1))).reshape(V, C)
+
+    fixed = _shared_factor(shared, b)
+    if fixed is not None:
+        return jnp.broadcast_to(one(fixed), (B, V, C))
+    return jax.vmap(one)({k: b[k] for k in ("r", "a", "W")})
