@@ -105,3 +105,67 @@ def test_coverage_of_exact_posterior_samples_is_nominal():
     cov = coverage(np.asarray(samples), np.asarray(truth))
     assert cov.shape == (200,)
     np.testing.assert_allclose(cov.mean(), 0.9, atol=0.015)
+
+
+def test_weighted_and_masked_scores_against_hand_computed_values():
+    from geodiff.metrics import crps
+
+    x = np.array([[[1.0], [2.0], [4.0]]])          # (1, V=3, C=1)
+    ref = np.zeros_like(x)
+    w = np.array([1.0, 3.0, 0.0])
+    np.testing.assert_allclose(mse(x, ref, weights=w), (1 * 1 + 3 * 4 + 0 * 16) / 4)
+    where = np.array([[[True], [False], [True]]])
+    np.testing.assert_allclose(mse(x, ref, where=where), (1 + 16) / 2)
+    np.testing.assert_allclose(mse(x, ref, weights=w, where=where), 1.0)
+    np.testing.assert_allclose(psnr(x, ref, weights=w, where=where), 0.0)
+    # coverage: two samples bracket entry 0 only; weighted and restricted fractions
+    samples = np.stack([x - 0.5, x + 0.5])
+    truth = np.array([[[1.2], [5.0], [9.0]]])
+    np.testing.assert_allclose(coverage(samples, truth, weights=w), 1 / 4)
+    np.testing.assert_allclose(coverage(samples, truth, where=~where), 0.0)
+    # CRPS of the pair per entry: mean |xᵢ − y| − ½·mean|xᵢ − xⱼ| (V-statistic: ½·(2·1)/4 = 0.25)
+    per = np.abs(samples - truth).mean(0)[0, :, 0] - 0.25
+    np.testing.assert_allclose(crps(samples, truth, weights=w), (per[0] + 3 * per[1]) / 4)
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
+        mse(x, ref, weights=np.ones(4))
+    with pytest.raises(ValueError, match="non-negative"):
+        mse(x, ref, weights=np.array([1.0, -1.0, 1.0]))
+    with pytest.raises(TypeError, match="where must be a boolean"):
+        mse(x, ref, where=np.ones((1, 3, 1)))
+    with pytest.raises(ValueError, match="select no entry"):
+        mse(x, ref, where=np.zeros((1, 3, 1), bool))
+    with pytest.raises(ValueError, match="level must be in"):
+        coverage(samples, truth, level=1.5)
+
+
+def test_fair_crps_is_the_u_statistic_and_gaussian_crps_matches_samples():
+    from geodiff.metrics import crps, crps_gaussian
+
+    rng = np.random.default_rng(4)
+    samples, y = rng.normal(size=(7, 2, 5, 1)), rng.normal(size=(2, 5, 1))
+    M = 7
+    spread = np.abs(samples[:, None] - samples[None]).sum(axis=(0, 1))   # Σᵢⱼ |xᵢ − xⱼ|
+    term1 = np.abs(samples - y).mean(0)
+    np.testing.assert_allclose(crps(samples, y, fair=True),
+                               (term1 - spread / (2 * M * (M - 1))).mean(axis=(-2, -1)))
+    np.testing.assert_allclose(crps(samples, y), (term1 - spread / (2 * M**2)).mean(axis=(-2, -1)))
+    # the fair score of a small ensemble is unbiased for the distribution's CRPS
+    mu, sd = 0.3, 0.7
+    y1 = np.array([[[1.1]]])
+    draws = mu + sd * rng.normal(size=(4, 20000, 1, 1, 1))
+    fair = crps(draws, np.broadcast_to(y1, (20000, 1, 1, 1)), fair=True).mean()
+    exact = crps_gaussian(np.full_like(y1, mu), np.full_like(y1, sd), y1)
+    np.testing.assert_allclose(fair, exact[0], rtol=0.02)
+    with pytest.raises(ValueError, match="std must be positive"):
+        crps_gaussian(y1, 0 * y1, y1)
+
+
+def test_area_weighted_psnr_discounts_the_poles():
+    s = Sphere.latlon(16, 24)
+    ref = np.zeros((s.n_vertices, 1))
+    x = ref.copy()
+    x[:24] = 0.5                                     # only the north-pole row differs
+    plain, weighted = psnr(x, ref), psnr(x, ref, weights=s.mass)
+    want = 10 * np.log10(1 / (0.25 * s.mass[:24].sum() / s.mass.sum()))
+    np.testing.assert_allclose(weighted, want)
+    assert weighted > plain + 5
