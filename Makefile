@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export GEODIFF_CACHE := $(CURDIR)/.cache/geodiff
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test priors benchmarks benchmarks-full clean-cache
+.PHONY: setup demo test test-slow priors benchmarks benchmarks-full clean-cache
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,14 @@ benchmarks-full: setup
 priors: setup
 	$(BIN)/python benchmarks/train_priors.py --dataset all --quick --out outputs/priors
 
+# CI runs `make test` (< 10 min on 2 cores): every unit test and the ERA5-like smoke (the demo's
+# script and the comparison code every script shares). `make test-slow` runs the smokes of the other
+# benchmark scripts (≈ 5 min); run it after changing benchmarks/.
 test: setup
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -n 2 -m slow
 
 clean-cache:
 	rm -rf .cache

@@ -11,6 +11,13 @@ Conventions (every script):
   samples; APS(1), DPS and MCG score one sample per measurement.
 - ``break_even_n`` = APS training seconds / (DPS seconds per measurement − APS(128) seconds per
   measurement): after that many measurements APS has cost less than DPS.
+- On a sphere PSNR, MSE, coverage and CRPS are area-weighted (``mass``) and taken on the missing
+  points only (:func:`scoring`); SSIM is the plain full-field SSIM. ``crps`` is the fair ensemble
+  CRPS of the samples (APS: 128, the DPS ensemble: 8) and the closed-form Gaussian CRPS of the
+  surrogate posterior for kriging.
+- APS rows: ``APS(n)`` is the paper's objective (measurements only) at τ = 1; ``APS[obj,τ](n)``
+  the sampler trained with objective ``obj`` and calibrated (τ set on held-out training-split
+  signals); the ``learned_from`` column says what each sampler learned from.
 """
 
 from __future__ import annotations
@@ -28,10 +35,16 @@ import jax
 import numpy as np
 
 from geodiff._cache import cache_dir
-from geodiff.metrics import coverage, mse, psnr, ssim
+from geodiff.metrics import coverage, crps, crps_gaussian, mse, psnr, ssim
 from geodiff.timing import machine_info, time_call, versions, write_json
 
-ORDER = ("APS(1)", "APS(128)", "DPS", "MCG", "Noise2Score", "FlowPerY", "Kriging", "Harmonic")
+ORDER = ("APS(1)", "APS(128)", "APS[reverse,τ](1)", "APS[reverse,τ](128)", "APS[pairs,τ](1)",
+         "APS[pairs,τ](128)", "APS[pairs+reverse,τ](1)", "APS[pairs+reverse,τ](128)", "DPS",
+         "DPS×8", "MCG", "Noise2Score", "FlowPerY", "Kriging", "Harmonic")
+#: what each sampler learned from (the brief's labels), by objective
+LEARNED_FROM = {"reverse": "measurements only (the paper's loss)",
+                "pairs": "the prior's clean training set (simulated pairs)",
+                "pairs+reverse": "the prior's clean training set, then measurements"}
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -42,24 +55,43 @@ def has_ssim(manifold) -> bool:
     return isinstance(manifold, Grid) or (isinstance(manifold, Sphere) and manifold.kind == "latlon")
 
 
-def score(task: str, method: str, est, truth, manifold, *, time_per_sample_s: float, **extra) -> dict:
+def scoring(manifold, measurement) -> dict:
+    """Keyword arguments of the metrics for a task: on a :class:`~geodiff.Sphere`, area weights
+    (``mass``) and the missing points of ``measurement`` (``where``); elsewhere every entry with
+    equal weight ({})."""
+    from geodiff import Sphere
+
+    if not isinstance(manifold, Sphere):
+        return {}
+    return {"weights": np.asarray(manifold.mass), "where": ~np.asarray(measurement.mask)}
+
+
+def _first(sc: dict, n: int) -> dict:
+    """``scoring`` restricted to the first n signals."""
+    return {k: (v[:n] if k == "where" else v) for k, v in sc.items()}
+
+
+def score(task: str, method: str, est, truth, manifold, *, time_per_sample_s: float,
+          scoring: dict | None = None, **extra) -> dict:
     """One table row (API.md schema): mean PSNR (data range 1), SSIM (``None`` on meshes) and MSE
-    over the test measurements; ``extra`` adds or overrides columns."""
+    over the test measurements, with the metric keywords ``scoring`` (:func:`scoring`; restricted
+    to the first len(est) signals); ``extra`` adds or overrides columns."""
     est, ref = np.asarray(est, np.float64), np.asarray(truth, np.float64)
     if est.shape != ref.shape:
         raise ValueError(f"{method}: estimate shape {est.shape} != truth shape {ref.shape}")
+    kw = _first(scoring or {}, len(ref))
     s = float(np.mean(ssim(est, ref, manifold))) if has_ssim(manifold) else None
     row = {"task": task, "method": method, "time_per_sample_s": float(time_per_sample_s),
-           "psnr": float(np.mean(psnr(est, ref))), "ssim": s,
-           "mse": float(np.mean(mse(est, ref))), "coverage90": None, "training_s": None,
-           "break_even_n": None, "n_eval": int(ref.shape[0])}
+           "psnr": float(np.mean(psnr(est, ref, **kw))), "ssim": s,
+           "mse": float(np.mean(mse(est, ref, **kw))), "coverage90": None, "crps": None,
+           "training_s": None, "break_even_n": None, "n_eval": int(ref.shape[0])}
     return row | extra
 
 
 #: row key: the method's mean PSNR (dB) on the signals FlowPerY ran on (the first ``fpy_n``)
 FPY_PSNR = "psnr_flowpery_signals"
 #: its Markdown column (``extra`` of :func:`markdown_table`)
-FPY_COLUMN = (FPY_PSNR, "PSNR on FlowPerY's signals (dB)", ".2f")
+FPY_COLUMN = (FPY_PSNR, "PSNR on the signals every method ran on (dB)", ".2f")
 
 
 def markdown_table(rows: list[dict], *, extra: tuple[tuple[str, str, str], ...] = ()) -> str:
@@ -71,7 +103,8 @@ def markdown_table(rows: list[dict], *, extra: tuple[tuple[str, str, str], ...] 
     extra = [c for c in extra if any(r.get(c[0]) is not None for r in rows)]
     cols = [("method", "method", "s"), ("time_per_sample_s", "time / sample (s)", ".2e"),
             ("psnr", "PSNR (dB)", ".2f"), ("ssim", "SSIM", ".3f"), ("mse", "MSE", ".2e"),
-            ("coverage90", "cov90", ".3f"), ("training_s", "training (s)", ".0f"),
+            ("coverage90", "cov90", ".3f"), ("crps", "CRPS", ".2e"),
+            ("training_s", "training (s)", ".0f"),
             ("break_even_n", "N*", ".1f"), ("n_eval", "n", "d"), *extra]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     multi = len(tasks) > 1
@@ -169,15 +202,17 @@ class Stages:
 
 
 # --------------------------------------------------------------------------------- runners
-def run_closed_form(task, name, fn, args, truth, manifold, *, repeats: int, **kwargs):
+def run_closed_form(task, name, fn, args, truth, manifold, *, repeats: int, scoring=None,
+                    **kwargs):
     """Time ``fn(*args, **kwargs)`` on the whole test batch; one row and the estimate."""
     secs, est = time_call(fn, *args, repeats=repeats, **kwargs)
     est = np.asarray(est)
-    return score(task, name, est, truth, manifold, time_per_sample_s=secs / len(est)), est
+    return score(task, name, est, truth, manifold, time_per_sample_s=secs / len(est),
+                 scoring=scoring), est
 
 
 def run_diffusion(task, method, prior, op, meas, truth, manifold, val_meas, val_truth, *,
-                  steps: int, zetas, tune_steps: int, seed: int):
+                  steps: int, zetas, tune_steps: int, seed: int, scoring=None):
     """DPS or MCG (``method`` = ``"DPS"``/``"MCG"``): ζ tuned on validation measurements (never a
     test one) with ``tune_steps`` reverse steps, one sample per test measurement; time per sample
     from a separate one-measurement run after a compiling one. Returns (row, estimate (B, V, C), info)."""
@@ -192,11 +227,36 @@ def run_diffusion(task, method, prior, op, meas, truth, manifold, val_meas, val_
     est = np.asarray(fn(jax.random.key(seed + 3), prior, op, meas, n=1, steps=steps, zeta=zeta)[0])
     info = {"zeta": zeta, "zeta_scores_on_validation": {str(k): v for k, v in scores.items()},
             "nfe": steps}
-    return score(task, method, est, truth, manifold, time_per_sample_s=secs) | info, est, info
+    return (score(task, method, est, truth, manifold, time_per_sample_s=secs, scoring=scoring)
+            | info, est, info)
+
+
+def run_dps_ensemble(task, prior, op, meas, truth, manifold, *, zeta: float, steps: int,
+                     chains: int, n_signals: int, seed: int, scoring=None):
+    """The DPS ensemble: the mean of ``chains`` independent chains on the first ``n_signals`` test
+    measurements (ζ of the tuned DPS row), with their 90% coverage and fair CRPS; time per sample
+    from the ensemble call. Returns (row, mean (n, V, C))."""
+    from geodiff.baselines import dps
+
+    n = min(n_signals, len(truth))
+    sub = meas[:n]
+    t0 = time.perf_counter()
+    xs = np.asarray(jax.block_until_ready(dps(jax.random.key(seed + 4), prior, op, sub, n=chains,
+                                              steps=steps, zeta=zeta)), np.float64)
+    secs = time.perf_counter() - t0                       # compile included: one long call
+    ref = np.asarray(truth[:n], np.float64)
+    kw = _first(scoring or {}, n)
+    row = score(task, f"DPS×{chains}", xs.mean(0), ref, manifold,
+                time_per_sample_s=secs / (n * chains), scoring=scoring,
+                coverage90=float(np.mean(coverage(xs, ref, **kw))),
+                crps=float(np.mean(crps(xs, ref, fair=True, **kw))), zeta=zeta, nfe=steps,
+                chains=chains)
+    return row, xs.mean(0)
 
 
 def fit_aps(sampler, train_meas, *, steps: int, batch_size: int, learning_rate: float, seed: int,
-            stages: Stages, stage: str = "aps", progress: bool = True):
+            stages: Stages, stage: str = "aps", progress: bool = True, objective: str = "reverse",
+            signals=None, validation=None):
     """Train (or load the cached) amortized sampler. Full mode checkpoints inside the fit, so an
     interrupted run resumes at its last checkpoint, and keeps the finished sampler as a stage.
     Returns (trained sampler, info with training_s, step_s, base_s, loss start/end)."""
@@ -211,6 +271,7 @@ def fit_aps(sampler, train_meas, *, steps: int, batch_size: int, learning_rate: 
     ckpt = stages.path(f"{stage}-ckpt")
     resumed = ckpt is not None and (ckpt / CHECKPOINT_NAME).exists()
     trained, hist = sampler.fit(jax.random.key(seed + 102), train_meas, steps=steps,
+                                objective=objective, signals=signals, validation=validation,
                                 batch_size=batch_size, learning_rate=learning_rate,
                                 checkpoint_dir=ckpt, progress=progress)
     # the history's clock runs on across resumes (a wall clock here would see only the last part)
@@ -218,7 +279,9 @@ def fit_aps(sampler, train_meas, *, steps: int, batch_size: int, learning_rate: 
     info = {"training_s": train_s, "resumed": resumed, "steps": steps, "batch_size": batch_size,
             "learning_rate": learning_rate, "step_s": hist["step_s"], "base_s": hist["base_s"],
             "loss_first": float(hist["loss"][0]), "loss_last": float(hist["loss"][-1]),
-            "train_measurements": int(train_meas.y.shape[0])}
+            "train_measurements": None if train_meas is None else int(train_meas.y.shape[0]),
+            "objective": objective, "train_signals": None if signals is None else len(signals),
+            "validation": hist.get("validation")}
     print(f"APS ({stage}): {steps} steps in {train_s:.0f} s ({hist['step_s']:.2f} s/step, base "
           f"{hist['base_s']:.0f} s), loss {info['loss_first']:.3f} → {info['loss_last']:.3f}")
     if done is not None:
@@ -229,9 +292,10 @@ def fit_aps(sampler, train_meas, *, steps: int, batch_size: int, learning_rate: 
 
 
 def aps_rows(task, trained, info, meas, truth, manifold, *, seed: int, repeats: int,
-             dps_time: float | None):
-    """Rows APS(1) and APS(128) of a trained sampler on the test measurements, with coverage of
-    the 128-sample 90% intervals and the break-even N* against ``dps_time`` (s per measurement).
+             dps_time: float | None, name: str = "APS", scoring=None, **extra):
+    """Rows ``<name>(1)`` and ``<name>(128)`` of a trained sampler on the test measurements, with
+    coverage and fair CRPS of the 128 samples and the break-even N* against ``dps_time`` (s per
+    measurement); ``extra`` columns go on both rows.
     Returns (rows, mean (B, V, C), std (B, V, C), one sample (B, V, C))."""
     one = meas[0]
     repeats = max(repeats, 5)          # millisecond calls: a median of 5 resists a busy machine
@@ -239,23 +303,29 @@ def aps_rows(task, trained, info, meas, truth, manifold, *, seed: int, repeats: 
     t128, _ = time_call(trained.sample, jax.random.key(1), one, 128, repeats=repeats)
     x1 = np.asarray(trained.sample(jax.random.key(seed + 103), meas, 1)[0])
     xs = np.asarray(trained.sample(jax.random.key(seed + 104), meas, 128))
-    cov = float(np.mean(coverage(xs, np.asarray(truth))))
+    ref = np.asarray(truth, np.float64)
+    kw = _first(scoring or {}, len(ref))
+    cov = float(np.mean(coverage(xs, ref, **kw)))
+    crps128 = float(np.mean(crps(xs, ref, fair=True, **kw)))
     mean, std = xs.mean(0), xs.std(0)
     rows = []
-    for name, est, per_call, n in (("APS(1)", x1, t1, 1), ("APS(128)", mean, t128, 128)):
+    for label, est, per_call, n in ((f"{name}(1)", x1, t1, 1), (f"{name}(128)", mean, t128, 128)):
         gain = None if dps_time is None else dps_time - per_call
-        rows.append(score(task, name, est, truth, manifold, time_per_sample_s=per_call / n,
-                          time_per_measurement_s=per_call,
-                          coverage90=cov if n == 128 else None, training_s=info["training_s"],
+        rows.append(score(task, label, est, truth, manifold, time_per_sample_s=per_call / n,
+                          time_per_measurement_s=per_call, scoring=scoring,
+                          coverage90=cov if n == 128 else None, crps=crps128 if n == 128 else None,
+                          training_s=info["training_s"],
                           break_even_n=info["training_s"] / gain if gain and gain > 0 else None,
-                          steps=info["steps"], train_measurements=info["train_measurements"]))
+                          steps=info["steps"], train_measurements=info["train_measurements"],
+                          temperature=trained.temperature, **extra))
     return rows, mean, std, x1
 
 
 def run_flow_per_y(task, sampler, meas, truth, manifold, *, n_eval: int, steps: int,
-                   batch_size: int, learning_rate: float, seed: int):
+                   batch_size: int, learning_rate: float, seed: int, scoring: dict | None = None):
     """FlowPerY (Feng et al.): the same flow and prior, trained from scratch on each of the first
-    ``n_eval`` test measurements; time per sample = (training + 128 draws) / 128 per measurement."""
+    ``n_eval`` test measurements; time per sample = (training + 128 draws) / 128 per measurement;
+    scored (PSNR, coverage) with the task's ``scoring`` like every other row."""
     from tqdm.auto import tqdm
 
     from geodiff.baselines import flow_per_y
@@ -272,12 +342,13 @@ def run_flow_per_y(task, sampler, meas, truth, manifold, *, n_eval: int, steps: 
         means.append(xs.mean(0))
         draws.append(xs)
     samples = np.stack(draws, axis=1)   # (128, n_eval, V, C)
-    cov = float(np.mean(coverage(samples, np.asarray(truth[:n_eval]))))
+    sc = _first(scoring or {}, n_eval)
+    cov = float(np.mean(coverage(samples, np.asarray(truth[:n_eval]), **sc)))
     # the first call compiles: time the others when there are any
     per_y = float(np.median(secs[1:] if len(secs) > 1 else secs))
     row = score(task, "FlowPerY", np.stack(means), truth[:n_eval], manifold,
                 time_per_sample_s=per_y / 128, time_per_measurement_s=per_y, coverage90=cov,
-                steps=steps)
+                steps=steps, scoring=sc)
     return row, np.stack(means)
 
 
@@ -365,6 +436,12 @@ class Settings:
     aps_encoder_blocks: int = 2
     fpy_n: int = 2               # test measurements FlowPerY is trained on (one flow each)
     fpy_steps: int = 200         # FlowPerY optimizer steps per measurement
+    aps_objectives: tuple = ("reverse", "pairs")   # each gets calibrated rows APS[obj,τ]
+    calib_n: int = 100           # training-split signals held out of the pair objectives for τ
+    calib_samples: int = 32      # samples per pair while calibrating
+    calib_iters: int = 10        # bisection steps of calibrate
+    dps_chains: int = 8          # the DPS ensemble: chains per measurement …
+    dps_ensemble_n: int = 16     # … on this many test measurements (0: no ensemble row)
     prior_t0: float | None = None  # VPSDE t0 of the diffusion prior (None: 1e-3, the default)
 
 
@@ -411,8 +488,10 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         manifold, prior, op: the signal's manifold, the diffusion prior, the bound operator.
         test: (B, V, C) test signals (measured with key ``seed``).
         val: (B', V, C) validation signals for ζ (key ``seed + 1``), disjoint from ``test``.
-        train: (N, V, C) signals whose *measurements* (key ``seed + 101``) train APS; their clean
-            values are never used by APS.
+        train: (N, V, C) training-split signals. Their *measurements* (key ``seed + 101``) train
+            APS with the paper's objective (their clean values unused); the pair objectives
+            learn from the clean values of all but the last ``calib_n``, which set the
+            temperature τ of every calibrated sampler.
         gauss: (mean, factor, nugget) of the Gaussian fit (kriging and the APS surrogate).
         stages: the run's cached stages.
         aps_op: the operator APS is trained with (default ``op``; the blind setting passes a
@@ -422,23 +501,33 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         (rows, estimates {method: (B, V, C)}, APS std (B, V, C), trained sampler, measurements).
         With FlowPerY on, every row also has :data:`FPY_PSNR`, its PSNR on FlowPerY's signals.
     """
+    from geodiff import AmortizedSampler
+    from geodiff.amortized import GaussianSurrogate
     from geodiff.baselines import harmonic, kriging, noise2score
     from geodiff.operators import Denoise, RandomMask
 
     key = slug(task)
     meas = op.measure(jax.random.key(s.seed), test)
+    sc = scoring(manifold, meas)
     mean, factor, nugget = gauss
     rows, est = [], {}
+    truth = np.asarray(test, np.float64)
 
     def closed(name, fn, *args, **kw):
         def go():
-            row, e = run_closed_form(task, name, fn, args, test, manifold, repeats=s.repeats, **kw)
+            row, e = run_closed_form(task, name, fn, args, test, manifold, repeats=s.repeats,
+                                     scoring=sc, **kw)
             return {"est": e}, row
         arrays, row = stages.run(f"{key}-{name}", go)
         rows.append(row)
         est[name] = arrays["est"]
 
     closed("Kriging", kriging, op, meas, mean=mean, cov_factor=factor, nugget=nugget)
+    # kriging's closed-form CRPS: its posterior std is the surrogate-centred base's std
+    sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
+    k_std = np.asarray(AmortizedSampler(manifold, prior, op, surrogate=sur, centre="surrogate",
+                                        n_steps=1, hidden=4, n_eig=4).base_moments(meas)[1])
+    rows[-1]["crps"] = float(np.mean(crps_gaussian(est["Kriging"], k_std, truth, **sc)))
     if isinstance(op, RandomMask):
         closed("Harmonic", harmonic, manifold, op, meas)
     if isinstance(op, Denoise):
@@ -448,34 +537,80 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         def go(name=name):
             row, e, _ = run_diffusion(task, name, prior, op, meas, test, manifold, val_meas, val,
                                       steps=s.dps_steps, zetas=s.zetas, tune_steps=s.dps_steps,
-                                      seed=s.seed)
+                                      seed=s.seed, scoring=sc)
             return {"est": e}, row
-        arrays, row = stages.run(f"{key}-{name}", go)
+        arrays, row = stages.run(f"{key}-DPS" if name == "DPS" else f"{key}-{name}", go)
         rows.append(row)
         est[name] = arrays["est"]
-    dps_time = next(r["time_per_sample_s"] for r in rows if r["method"] == "DPS")
+    dps_row = next(r for r in rows if r["method"] == "DPS")
+    dps_time = dps_row["time_per_sample_s"]
+    if s.dps_ensemble_n > 0:
+        def go():
+            row, e = run_dps_ensemble(task, prior, op, meas, test, manifold, zeta=dps_row["zeta"],
+                                      steps=s.dps_steps, chains=s.dps_chains,
+                                      n_signals=s.dps_ensemble_n, seed=s.seed, scoring=sc)
+            return {"est": e}, row
+        arrays, row = stages.run(f"{key}-DPSx{s.dps_chains}", go)
+        rows.append(row)
+        est[row["method"]] = arrays["est"]
 
-    sampler = make_aps(s, manifold, prior, op if aps_op is None else aps_op, gauss)
+    the_op = op if aps_op is None else aps_op
+    sampler = make_aps(s, manifold, prior, the_op, gauss)
     trained, info, _ = train_aps(s, sampler, train, stages, f"{key}-APS")
     def go():
         aps, mean_, std, x1 = aps_rows(task, trained, info, meas, test, manifold, seed=s.seed,
-                                       repeats=s.repeats, dps_time=dps_time)
+                                       repeats=s.repeats, dps_time=dps_time, scoring=sc,
+                                       learned_from=LEARNED_FROM["reverse"])
         return {"mean": mean_, "std": std, "x1": x1}, {"rows": aps}
     arrays, aps = stages.run(f"{key}-APS{aps_tag(s)}-rows", go)
     rows.extend(aps["rows"])
     mean_, std, x1 = arrays["mean"], arrays["std"], arrays["x1"]
     est["APS(1)"], est["APS(128)"] = x1, mean_
+
+    # every objective, calibrated on held-out training-split signals
+    n_cal = min(s.calib_n, max(len(train) // 5, 2))
+    fit_signals, cal_signals = train[: len(train) - n_cal], train[len(train) - n_cal:]
+    for objective in s.aps_objectives:
+        if objective == "reverse":
+            model, obj_info = trained, info
+        else:
+            model, obj_info = fit_aps(
+                make_aps(s, manifold, prior, the_op, gauss),
+                None if objective == "pairs" else the_op.measure(jax.random.key(s.seed + 101), train),
+                steps=s.aps_steps, batch_size=s.aps_batch, learning_rate=s.aps_lr, seed=s.seed,
+                stages=stages, stage=f"{key}-APS-{objective}{aps_tag(s)}",
+                progress=s.aps_steps >= 50, objective=objective, signals=fit_signals,
+                validation=(cal_signals if objective == "pairs" else
+                            the_op.measure(jax.random.key(s.seed + 106), cal_signals)))
+        name = f"APS[{objective},τ]"
+
+        def go(model=model, obj_info=obj_info, name=name, objective=objective):
+            t0 = time.perf_counter()
+            cal = model.calibrate(jax.random.key(s.seed + 105), cal_signals,
+                                  n_samples=s.calib_samples, iters=s.calib_iters)
+            cal_s = time.perf_counter() - t0
+            info_c = obj_info | {"training_s": obj_info["training_s"] + cal_s}
+            r, m_, sd_, x1_ = aps_rows(task, cal, info_c, meas, test, manifold, seed=s.seed,
+                                       repeats=s.repeats, dps_time=dps_time, name=name,
+                                       scoring=sc, learned_from=LEARNED_FROM[objective],
+                                       calibration_s=cal_s, calibration=cal.calibration,
+                                       chosen=(obj_info.get("validation") or {}).get("chosen"))
+            return {"mean": m_, "x1": x1_}, {"rows": r}
+        arrays, out = stages.run(f"{key}-APS-{objective}-cal{aps_tag(s)}-rows", go)
+        rows.extend(out["rows"])
+        est[f"{name}(1)"], est[f"{name}(128)"] = arrays["x1"], arrays["mean"]
     if s.fpy_n > 0:
         def go():
             row, e = run_flow_per_y(task, sampler, meas, test, manifold, n_eval=s.fpy_n,
                                     steps=s.fpy_steps, batch_size=s.aps_batch,
-                                    learning_rate=s.aps_lr, seed=s.seed)
+                                    learning_rate=s.aps_lr, seed=s.seed, scoring=sc)
             return {"est": e}, row
         arrays, row = stages.run(f"{key}-FlowPerY{aps_tag(s)}", go)
         rows.append(row)
         est["FlowPerY"] = arrays["est"]
-        k = len(est["FlowPerY"])             # FlowPerY runs on the first k signals only: every
-        for r in rows:                       # method's PSNR on those k, for a like-for-like column
+    k = min(len(e) for e in est.values())
+    for r in rows:                   # methods scored on fewer signals (FlowPerY, the DPS
+        if k < len(test):            # ensemble): every method's PSNR on those, like for like
             r[FPY_PSNR] = float(np.mean(psnr(np.asarray(est[r["method"]][:k], np.float64),
-                                             np.asarray(test[:k], np.float64))))
+                                             truth[:k], **_first(sc, k))))
     return rows, est, std, trained, meas

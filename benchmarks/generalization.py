@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from _common import main as common_main  # noqa: E402
-from _common import (Settings, Stages, aps_rows, aps_tag, make_aps, meta, run_closed_form,  # noqa: E402
+from _common import (LEARNED_FROM, Settings, Stages, aps_rows, aps_tag, make_aps, meta, run_closed_form,  # noqa: E402
                      slug, train_aps, write_outputs)
 
 from geodiff import Grid, Sphere  # noqa: E402
@@ -91,7 +91,8 @@ def evaluate(task, trained, info, op, truth, manifold, cfg, stages, *, key, refs
     def compute():
         m = op.measure(jax.random.key(key), truth) if meas is None else meas
         rows, mean, std, _ = aps_rows(task, trained, info, m, truth, manifold, seed=cfg.seed,
-                                      repeats=cfg.repeats, dps_time=None)
+                                      repeats=cfg.repeats, dps_time=None,
+                                      learned_from=LEARNED_FROM["reverse"])
         est = {"APS(128)": mean}
         for name, fn, args, kw in refs(op, m):
             row, e = run_closed_form(task, name, fn, args, truth, manifold, repeats=cfg.repeats, **kw)

@@ -158,7 +158,7 @@ def test_log_prob_is_the_change_of_variables(x64, grid, gprior, key, encoder_wid
     m = s.operator.measure(jax.random.key(1), gprior.sample(jax.random.key(2), 1))[0]
     frozen = s._frozen()
     mb = jax.tree.map(lambda a: a[None], m)
-    b = base_params(s.operator, mb, s.surrogate)
+    b = s._base(frozen, mb)
     c = s._features(s.surrogate, mb, b)
     flow = s.flow
 

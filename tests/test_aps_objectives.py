@@ -73,9 +73,14 @@ def test_pairs_learns_the_exact_posterior_spread(grid, prior):
 
     err0, ratio0 = errors(s)
     assert ratio0 > 1.2
+    held_out = prior.sample(jax.random.key(8), 64)                    # clean, not test signals
     trained, hist = s.fit(jax.random.key(1), None, steps=400, objective="pairs", batch_size=64,
-                          learning_rate=3e-3, warmup_steps=20, progress=False)
+                          learning_rate=3e-3, warmup_steps=20, progress=False,
+                          validation=held_out)
     assert hist["objective"] == "pairs" and hist["loss"][-1] < hist["loss"][0]
+    v = hist["validation"]
+    assert v["candidates"] == ["initial", "pairs"] and v["chosen"] == "pairs"
+    assert v["loss"][1] < v["loss"][0]
     err, ratio = errors(trained)
     assert abs(ratio - 1) < 0.08, ratio
     # posterior std ≈ 0.15: 512 draws give a Monte Carlo error of ≈ 0.007 on the mean
@@ -102,6 +107,22 @@ def test_pairs_on_given_signals_and_pairs_then_reverse(grid, prior):
     plain, _ = s._loss_reverse(tr.params, batch, jax.random.key(9), frozen)
     path, _ = s._loss_reverse(tr.params, batch, jax.random.key(9), frozen, stl=True)
     np.testing.assert_allclose(float(path), float(plain), rtol=1e-4)
+
+
+def test_return_best_keeps_the_untrained_flow_when_training_hurts(grid, prior):
+    """The exact prior as surrogate: the untrained sampler is the exact posterior, so a wild
+    learning rate can only hurt; held-out measurements (the paper's loss) keep the initial flow."""
+    op = Denoise(0.2).on(grid)
+    s = small(grid, prior, op, surrogate=surrogate(prior), n_steps=1, hidden=8, n_eig=8,
+              prior_term="exact")
+    meas = op.measure(jax.random.key(1), prior.sample(jax.random.key(2), 32))
+    held = op.measure(jax.random.key(3), prior.sample(jax.random.key(4), 32))
+    tr, hist = s.fit(jax.random.key(0), meas, steps=30, learning_rate=0.3, warmup_steps=0,
+                     batch_size=16, progress=False, validation=held)
+    v = hist["validation"]
+    assert v["chosen"] == "initial" and v["loss"][0] < v["loss"][1]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tr.params),
+                                                   jax.tree.leaves(s.params)))
 
 
 def test_fit_rejects_bad_objectives_and_signals(grid, prior):

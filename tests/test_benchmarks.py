@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -24,13 +25,27 @@ def load_script(name):
     return module
 
 
+@pytest.fixture
+def xla_optimized():
+    """The smokes on the 46×90 sphere run at real size: XLA's optimizations pay for themselves
+    there (ERA5-like smoke: 97 s optimized, 118 s not), unlike elsewhere (tests/conftest.py)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture(scope="module")
 def bench_cache(tmp_path_factory):
     """One cache for the comparison smoke runs, so each smoke prior is trained once."""
     return tmp_path_factory.mktemp("bench-cache")
 
 
-def run_smoke(name, tmp_path, monkeypatch, cache, *extra):
+def run_smoke(name, tmp_path, monkeypatch, cache, *extra, design_rows=False, kriging_crps=True):
+    """Run a comparison script at smoke size and check every row; ``design_rows``: the script's
+    smoke has the 0.4 rows (the DPS ensemble, the calibrated ``APS[…,τ]`` rows; ERA5-like only,
+    the shared code of ``_common.compare`` runs once in CI); ``kriging_crps``: kriging's row has
+    its Gaussian CRPS (every script built on ``_common.compare``)."""
     monkeypatch.setenv("GEODIFF_CACHE", str(cache))
     script = load_script(name)
     result = script.main(["--smoke", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"),
@@ -41,14 +56,27 @@ def run_smoke(name, tmp_path, monkeypatch, cache, *extra):
     for row in on_disk["rows"]:
         assert ROW_KEYS <= set(row), row["method"]
         assert row["time_per_sample_s"] > 0 and 5 < row["psnr"] < 60 and row["mse"] > 0
-        if row["method"] in ("APS(128)", "FlowPerY"):
+        sampling = row["method"].endswith("(128)") or row["method"].startswith("DPS×")
+        if sampling or row["method"] == "FlowPerY":
             assert 0 <= row["coverage90"] <= 1
         else:
             assert row["coverage90"] is None
+        if sampling or (kriging_crps and row["method"] == "Kriging"):  # fair / Gaussian CRPS
+            assert row["crps"] > 0
+        else:
+            assert row["crps"] is None
         if row["method"].startswith("APS"):
-            assert row["training_s"] > 0
-    assert (tmp_path / "out" / "results.md").read_text().count("| APS(128) |") >= 1
+            assert row["training_s"] > 0 and row["learned_from"]
+        if row["method"].startswith("APS["):
+            assert row["temperature"] > 0 and row["calibration"]["pairs"] >= 2
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert md.count("| APS(128) |") >= 1
+    assert (md.count("| APS[pairs,τ](128) |") >= 1) == design_rows
     return on_disk
+
+
+# the rows 0.4 added to every comparison (smoke: a DPS ensemble of 2 chains; ERA5-like only)
+DESIGN_ROWS = {"DPS×2", "APS[reverse,τ](1)", "APS[reverse,τ](128)", "APS[pairs,τ](1)", "APS[pairs,τ](128)"}
 
 
 def methods_by_task(rows):
@@ -68,25 +96,24 @@ def assert_flowpery_column(rows, md):
     assert all(isinstance(r[_common.FPY_PSNR], float) for r in rows)
     assert by["FlowPerY"][_common.FPY_PSNR] == pytest.approx(by["FlowPerY"]["psnr"], abs=1e-9)
     assert any(r["n_eval"] > k and r[_common.FPY_PSNR] != pytest.approx(r["psnr"]) for r in rows)
-    assert "PSNR on FlowPerY's signals (dB)" in md.read_text()
+    assert "PSNR on the signals every method ran on (dB)" in md.read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("xla_optimized")
 def test_era5_imputation_smoke(tmp_path, monkeypatch, bench_cache):
     from geodiff import AmortizedSampler
 
-    on_disk = run_smoke("era5_imputation", tmp_path, monkeypatch, bench_cache)
+    on_disk = run_smoke("era5_imputation", tmp_path, monkeypatch, bench_cache, design_rows=True)
     assert "ERA5-like (GloSea4-anchored)" in on_disk["meta"]["data_source"]
     assert methods_by_task(on_disk["rows"]) == {
-        "ERA5-like imputation 60%, σ=0.05": {"Kriging", "Harmonic", "DPS", "MCG", "APS(1)", "APS(128)",
-                                             "FlowPerY"}}
+        "ERA5-like imputation 60%, σ=0.05": {"Kriging", "Harmonic", "DPS", "APS(1)", "APS(128)"}
+        | DESIGN_ROWS}
     by = {r["method"]: r for r in on_disk["rows"]}
     assert set(by["DPS"]["zeta_scores_on_validation"]) == {"0.1", "0.3"} and by["DPS"]["nfe"] == 10
     # a Gaussian fitted to (even 200) ERA5-like fields beats Laplacian interpolation on real fields
     assert by["Kriging"]["psnr"] > by["Harmonic"]["psnr"]
     assert by["APS(1)"]["break_even_n"] is None or by["APS(1)"]["break_even_n"] > 0
-    assert by["FlowPerY"]["n_eval"] == 1 and by["APS(128)"]["n_eval"] == 2
-    assert_flowpery_column(on_disk["rows"], tmp_path / "out" / "results.md")
+    assert by["DPS×2"]["n_eval"] == 2 and by["APS(128)"]["n_eval"] == 2
     assert all(r["rmse_K"] > 0 for r in on_disk["rows"])
     for name in ["results.json", "results.md", "globe.png", "globe_ortho.png"]:
         assert (tmp_path / "out" / name).stat().st_size > 0
@@ -101,7 +128,8 @@ def test_bunny_mnist_inpainting_smoke(tmp_path, monkeypatch, bench_cache):
     on_disk = run_smoke("bunny_mnist_inpainting", tmp_path, monkeypatch, bench_cache)
     assert "MNIST on Stanford bunny res3" in on_disk["meta"]["data_source"]
     assert methods_by_task(on_disk["rows"]) == {
-        "bunny inpaint 30%, σ=0.1": {"Kriging", "Harmonic", "DPS", "MCG", "APS(1)", "APS(128)", "FlowPerY"}}
+        "bunny inpaint 30%, σ=0.1": {"Kriging", "Harmonic", "DPS", "MCG", "APS(1)", "APS(128)",
+                                     "FlowPerY"}}
     assert all(r["ssim"] is None for r in on_disk["rows"])     # no 2-D layout on a mesh: MSE only
     assert_flowpery_column(on_disk["rows"], tmp_path / "out" / "results.md")
     assert (tmp_path / "out" / "bunny.png").stat().st_size > 0
@@ -124,8 +152,9 @@ def test_image_inverse_smoke(tmp_path, monkeypatch, bench_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("xla_optimized")
 def test_generalization_smoke(tmp_path, monkeypatch, bench_cache):
-    on_disk = run_smoke("generalization", tmp_path, monkeypatch, bench_cache)
+    on_disk = run_smoke("generalization", tmp_path, monkeypatch, bench_cache, kriging_crps=False)
     tasks = methods_by_task(on_disk["rows"])
     assert len(tasks) == 7
     digits = [t for t in tasks if t.startswith("denoise")]
@@ -141,6 +170,7 @@ def test_generalization_smoke(tmp_path, monkeypatch, bench_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("xla_optimized")
 def test_generalization_one_part_runs_alone_and_resumes(tmp_path, monkeypatch, bench_cache, capsys):
     """``--tasks digits`` loads only the digits prior and writes only the digits rows and figure;
     with stages on (as in full mode), a rerun loads every evaluation case instead of recomputing it
@@ -177,9 +207,9 @@ def test_markdown_table_shows_an_extra_column_only_where_a_row_has_it():
             {"task": "t", "method": "DPS", "psnr": 29.0}]
     extra = (("rmse_K", "RMSE (K)", ".2f"), common.FPY_COLUMN)
     head, rule, *lines = common.markdown_table(rows, extra=extra).splitlines()
-    assert head.endswith("| n | RMSE (K) |") and rule.count("|---") == 10
-    assert lines == ["| DPS | – | 29.00 | – | – | – | – | – | – | – |",
-                     "| Kriging | – | 30.00 | – | – | – | – | – | – | 1.50 |"]
+    assert head.endswith("| n | RMSE (K) |") and rule.count("|---") == 11
+    assert lines == ["| DPS | – | 29.00 | – | – | – | – | – | – | – | – |",
+                     "| Kriging | – | 30.00 | – | – | – | – | – | – | – | 1.50 |"]
 
 
 def test_geometry_build_smoke(tmp_path):
@@ -216,6 +246,7 @@ def test_train_priors_smoke(tmp_path, monkeypatch):
     assert again["rows"][0]["t0"] == pytest.approx(1e-3)
 
 
+@pytest.mark.slow
 def test_aps_flow_cost_smoke(tmp_path, monkeypatch, bench_cache):
     monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
     result = load_script("aps_flow_cost").main(["--smoke", "--steps", "3", "--batch", "4",
@@ -384,3 +415,26 @@ def test_fit_aps_counts_the_training_time_before_a_resume(tmp_path, monkeypatch)
     assert info["training_s"] > first                                     # the first part counts
     for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)                               # and resumes exactly
+
+
+def test_elbo_scan_smoke(tmp_path):
+    script = load_script("elbo_scan")
+    rows = script.main(["--smoke", "--out", str(tmp_path)])
+    for r in rows:
+        assert r["scales"][r["exact"].index(0.0)] == 1.0 and r["argmin_exact"] in r["scales"]
+        assert len(r["elbo"]) == len(r["scales"])
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_aps_design_smoke(tmp_path, monkeypatch, bench_cache):
+    monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
+    rows = load_script("aps_design").main(["--smoke", "--out", str(tmp_path)])
+    methods = {r["method"] for r in rows}
+    assert {"Kriging", "Noise2Score", "APS tweedie/none", "APS surrogate/pairs+reverse τ"} <= methods
+    for r in rows:
+        if r["method"].startswith("APS"):
+            assert 0 <= r["coverage90"] <= 1 and r["crps"] > 0 and r["temperature"] > 0
+            # a trained row says which candidate the held-out validation kept
+            assert (r["chosen"] is None) == (r["objective"] == "none")
+            assert r["chosen"] in (None, "initial", "pairs", "reverse")
+    assert (tmp_path / "results.md").read_text().startswith("# APS design table")

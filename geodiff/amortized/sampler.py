@@ -337,6 +337,7 @@ class AmortizedSampler:
     def _log_latent(z, tau):
         """log N(z; 0, τ² I) over all V·C entries (the sampler draws z on all of them), (B,)."""
         d = z.shape[-2] * z.shape[-1]
+        tau = jnp.asarray(tau, z.dtype)               # float64 checks stay float64
         return (-0.5 * jnp.sum(z**2, axis=(-2, -1)) / tau**2
                 - d * (jnp.log(tau) + 0.5 * math.log(2 * math.pi)))
 
@@ -376,7 +377,6 @@ class AmortizedSampler:
                "log_q": jnp.mean(log_q) / D}
         return jnp.mean(per) / D, aux
 
-    _loss = _loss_reverse
 
     def _loss_pairs(self, params, batch, key, frozen):
         """Forward KL on simulated pairs: −log q(x | A(x) + n) per dimension, with a fresh operator
@@ -421,6 +421,27 @@ class AmortizedSampler:
             raise ValueError(f"{name} contains NaN or infinite values")
         return jnp.asarray(x, jnp.float32)
 
+    def _validator(self, validation, *, draws: int):
+        """``params -> held-out loss`` (per dimension, mean over items and ``draws`` fixed keys)."""
+        frozen = self._frozen()
+        keys = jax.random.split(jax.random.key(20_261_202), draws)
+        if isinstance(validation, Measurement):
+            self.check_measurement(validation, batched=True, name="validation")
+            m = jax.tree.map(jnp.asarray, validation)
+            b = jax.jit(self._base)(frozen, m)
+            c = jax.jit(self._features)(frozen["sur"], m, b)
+            batch = {"m": m, "b": {k: v for k, v in b.items() if k != "std"}, "c": c}
+            one = jax.jit(lambda p, k: self._loss_reverse(p, batch, k, frozen)[0])
+        else:
+            x = self._check_signals(validation, "validation")
+            if x is None:
+                raise ValueError("validation must be held-out measurements or clean signals")
+            one = jax.jit(lambda p, k: self._loss_pairs(p, {"x": x}, k, frozen)[0])
+
+        def validate(params):
+            return float(np.mean([float(one(params, k)) for k in keys]))
+        return validate
+
     def _measurement_batch(self, measurements):
         """(m, b, c) of the training measurements, cached on the sampler so a staged or resumed fit
         does not solve the bases again; also returns the seconds it took."""
@@ -444,7 +465,8 @@ class AmortizedSampler:
             warmup_steps: int = 100, clip_norm: float | None = 1.0, ema_decay: float | None = None,
             checkpoint_dir=None, checkpoint_every: int = 500, resume: bool = True,
             log_every: int = 10, progress: bool = True, devices=None,
-            max_bad_steps: int = 100) -> tuple["AmortizedSampler", dict]:
+            max_bad_steps: int = 100, validation=None,
+            val_draws: int = 4) -> tuple["AmortizedSampler", dict]:
         """Train the flow. The receiver keeps its parameters; it only caches the bases of
         ``measurements``, so a staged or resumed fit on the same object does not solve them again.
 
@@ -474,13 +496,22 @@ class AmortizedSampler:
                 (Adam with linear warm-up, global-norm clipping, atomic checkpoints with exact
                 resume, NaN guard, data parallelism). With ``"pairs+reverse"`` the two stages
                 checkpoint in ``checkpoint_dir/pairs`` and ``checkpoint_dir/reverse``.
+            validation: held-out data that picks the parameters returned (return-best): the
+                untrained flow and the end of each stage (the EMA where ``ema_decay`` is set)
+                are scored with common random numbers and the lowest loss wins. Held-out
+                *measurements* (a :class:`Measurement`, batch (M,); no ground truth) are scored
+                by the paper's loss; held-out clean *signals* (M, V, C) by the pair loss on fresh
+                measurements of them. None: the end of the last stage.
+            val_draws: draws (z, operator noise) per validation item.
 
         Returns:
             ``(trained_sampler, history)``; history entries (per dimension, nats): ``loss``; for the
             reverse objective ``data`` (−log p(y|x)), ``prior`` (−b(x) or −log p(x)) and ``log_q``
             (the loss is KL − log p(y) with the exact prior term); for pairs ``nll``
             (−log q(x|y)) and ``z_rms``. ``base_s`` is the seconds to build the bases of the
-            training measurements, ``objective`` the objective and, for ``"pairs+reverse"``,
+            training measurements, ``objective`` the objective, ``validation`` (with
+            ``validation=``) the candidates, their held-out losses and the one chosen and, for
+            ``"pairs+reverse"``,
             ``stage`` tells each entry's stage (the two stages' histories are concatenated, steps
             and times running on).
 
@@ -522,7 +553,10 @@ class AmortizedSampler:
         sub = lambda name: (None if checkpoint_dir is None  # noqa: E731
                             else Path(checkpoint_dir) / name if objective == "pairs+reverse"
                             else checkpoint_dir)
+        if validation is not None:
+            validate = self._validator(validation, draws=_check_int(val_draws, "val_draws"))
         params, histories = self.params, []
+        candidates = [("initial", params)]
         base_s = 0.0
         if pairs:
             k_pairs = key if objective == "pairs" else jax.random.fold_in(key, 1)
@@ -532,6 +566,7 @@ class AmortizedSampler:
                             checkpoint_dir=sub("pairs"), **common)
             params = jax.device_get(state.ema if ema_decay is not None else state.params)
             histories.append(("pairs", h))
+            candidates.append(("pairs", params))
         if reverse:
             (m, b, c), base_s = self._measurement_batch(measurements)
             k_rev = key if objective == "reverse" else jax.random.fold_in(key, 2)
@@ -541,7 +576,14 @@ class AmortizedSampler:
                             checkpoint_dir=sub("reverse"), **common)
             params = jax.device_get(state.ema if ema_decay is not None else state.params)
             histories.append(("reverse", h))
+            candidates.append(("reverse", params))
         history = histories[0][1] if len(histories) == 1 else _concat_histories(histories)
+        if validation is not None:                      # return the best candidate
+            losses = [validate(p) for _, p in candidates]
+            best = int(np.nanargmin(losses)) if np.any(np.isfinite(losses)) else len(losses) - 1
+            params = candidates[best][1]
+            history["validation"] = {"candidates": [n for n, _ in candidates],
+                                     "loss": losses, "chosen": candidates[best][0]}
         history["base_s"] = base_s
         history["objective"] = objective
         new = copy.copy(self)
@@ -625,6 +667,17 @@ class AmortizedSampler:
         """Posterior mean and std from n samples: ``(mean, std)``, each (V, C) or (B, V, C)."""
         x = self.sample(key, measurement, n)
         return x.mean(axis=0), x.std(axis=0)
+
+    def base_moments(self, measurement: Measurement):
+        """The base's mean (the centre m(y)) and per-entry std at τ = 1, ``(mean, std)``, each
+        (V, C) or (B, V, C). With the surrogate centre these are the kriging posterior mean and
+        std of the surrogate; an untrained sampler's samples have exactly this mean and (times τ)
+        this std."""
+        batch = self.check_measurement(measurement)
+        m = jax.tree.map(lambda a: jnp.asarray(a)[None] if not batch else jnp.asarray(a), measurement)
+        b = jax.block_until_ready(jax.jit(self._base)(self._frozen(), m))
+        mean, std = b["m0"], b["std"]
+        return (mean[0], std[0]) if not batch else (mean, std)
 
     def with_temperature(self, temperature: float) -> "AmortizedSampler":
         """A copy with base temperature τ (the flow, its compiled programs and everything else
