@@ -64,7 +64,8 @@ class Config(Settings):
 MODES = {
     "full": Config(aps_train=2000, aps_steps=2000, aps_batch=32, fpy_n=3, fpy_steps=300),
     "quick": Config(n_train=2000, n_test=6, prior_mode="quick", aps_train=500, aps_steps=100,
-                    aps_batch=16, aps_local_hidden=0, mcg=False, fpy_n=0),
+                    aps_batch=16, aps_local_hidden=0, mcg=False, fpy_n=0,
+                    dps_chains=4, dps_ensemble_n=2),  # the demo: a small DPS ensemble
     "smoke": Config(n_train=200, rank=32, n_test=2, repeats=1, prior_mode="smoke", dps_steps=10,
                     zetas=(0.1, 0.3), n_tune=1, aps_train=32, aps_steps=3, aps_batch=8,
                     aps_hidden=16, aps_couplings=1, aps_n_eig=8, aps_local_hidden=4,
