@@ -9,7 +9,8 @@ export MPLBACKEND := Agg
 
 .PHONY: setup demo test test-slow priors benchmarks benchmarks-full clean-cache
 
-$(VENV)/.installed: pyproject.toml
+# __init__.py holds the version that pyproject.toml reads: a new one needs a reinstall
+$(VENV)/.installed: pyproject.toml geodiff/__init__.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[test]'
 	# the bunny at resolution 2 (res3 and res4 ship with geodiff); --no-deps skips its heavy deps

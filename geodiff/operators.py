@@ -1,4 +1,5 @@
-"""Forward models ``y = A(x) + n``, ``n ~ N(0, σ² I)`` on observed entries (METHOD.md §1).
+"""Forward models ``y = A(x) + n``, ``n ~ N(0, σ² I)`` on observed entries (docs/concepts.md,
+"Operators and units").
 
 Every operator acts on one signal ``(V, C)`` and is vectorised over leading batch dimensions at the
 edge. σ is a standard deviation in *normalized data units* (the [0, 1] range of the data), not in

@@ -22,10 +22,11 @@ Checkpoint format (one file, ``<checkpoint_dir>/checkpoint.npz``, replaced atomi
 
 * ``__meta__``: a 0-d string array holding JSON: ``format`` (version), ``step``, ``n_bad``,
   ``bad_run`` (current run of consecutive skipped steps), ``config`` (the fit arguments that matter),
-  ``versions`` (jax, jaxlib, optax, flax, numpy, python), ``history`` (as returned by :func:`fit`)
-  and ``trees``: for each saved pytree (``params``, ``opt_state``, ``ema`` or null, ``key``) a list
-  with one entry per leaf in ``jax.tree_util`` flattening order: ``path`` (``keystr``), ``keys``
-  (the path as a list of dict keys / attribute names / indices), ``shape`` and ``dtype``.
+  ``versions`` (geodiff, jax, jaxlib, optax, flax, numpy, python), ``history`` (as returned by
+  :func:`fit`) and ``trees``: for each saved pytree (``params``, ``opt_state``, ``ema`` or null,
+  ``key``) a list with one entry per leaf in ``jax.tree_util`` flattening order: ``path``
+  (``keystr``), ``keys`` (the path as a list of dict keys / attribute names / indices), ``shape``
+  and ``dtype``.
 * ``<tree>/<i>`` (e.g. ``params/000003``): the i-th leaf as a NumPy array. PRNG-key leaves are stored
   as their raw ``key_data`` (dtype recorded as ``key<impl>``); dtypes NumPy cannot store natively
   (bfloat16, ...) are stored as their bits (unsigned integers of the same width).
@@ -139,7 +140,7 @@ def _select(ok, new, old):
 
 def _versions() -> dict:
     out = {}
-    for name in ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint", "numpy"):
+    for name in ("geodiff", "jax", "jaxlib", "optax", "flax", "numpy"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

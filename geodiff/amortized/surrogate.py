@@ -1,6 +1,6 @@
 """The Gaussian surrogate of a prior and the per-measurement Gaussian base of the amortized flow.
 
-METHOD.md §9 found the base distribution decisive: a Gaussian surrogate of the *prior*
+The first prototypes (docs/method.md) found the base distribution decisive: a Gaussian surrogate of the *prior*
 ``N(μ, F Fᵀ + diag(d))`` (mean and rank-R + diagonal covariance estimated from prior samples, no
 ground truth), conditioned exactly on each measurement, gives the flow a base
 ``x = m₀(y) + L₀(y)·u`` whose mean is the surrogate's Wiener filter and whose scale ``L₀`` is an

@@ -1,4 +1,4 @@
-"""Diffusion-based baselines: DPS, MCG and Noise2Score (METHOD.md §7).
+"""Diffusion-based baselines: DPS, MCG and Noise2Score (docs/concepts.md, "Diffusion baselines").
 
 All accept any prior with the prior interface (``GaussianPrior``, ``GaussianMixturePrior``,
 ``DiffusionPrior``) and operators from :mod:`geodiff.operators`. Step sizes ζ are in the units of

@@ -2,8 +2,8 @@
 
 A prior defines p(x) over signals (V, C) on a manifold and, through the VPSDE, the perturbed
 densities p_t. Subclasses implement :meth:`Prior.score`; this base class derives from it:
-Tweedie denoising, the diffusion ELBO (METHOD.md §3), ancestral reverse-SDE sampling and the
-probability-flow ODE log-likelihood.
+Tweedie denoising, the diffusion ELBO (docs/priors.md, "The ELBO"), ancestral reverse-SDE sampling
+and the probability-flow ODE log-likelihood.
 
 Dimension letters: V vertices, C channels, D = V·C, B batch (any leading dims), N samples.
 """
@@ -88,15 +88,16 @@ class Prior:
                    − ½ ∫_{t0}^{1} g²/σ² E_ε ‖ε̂(x_t, t) − ε‖² dt       (diffusion term)
 
         with ε̂ = −σ_t ∇log p_t. The integral is estimated by importance sampling t ∝ g²/σ²
-        (log-uniform in λ = σ/α; METHOD.md §3) with ``n_t`` *stratified* draws per signal, so the
-        weight is the constant Z = log λ₁² − log λ²_{t0}. With ``control_variate`` the term ‖ε‖²
-        is replaced by its expectation D (same mean and same x-gradient; off by default because
-        it *raises* the variance where ε̂ ≈ ε: measured 2× for unit-variance and 10× for
-        small-variance Gaussians). With ``antithetic`` the draws come in pairs (t, ε), (t, −ε)
-        (``n_t`` even; n_t/2 strata in t): for a Gaussian prior the score is affine, so the part of
-        the x-gradient that is linear in ε cancels exactly within each pair, which is what makes
-        the bound usable as a training signal for samplers (METHOD.md §9). Differentiable w.r.t.
-        x: gradients flow through the score into x.
+        (log-uniform in λ = σ/α; docs/priors.md, "The VPSDE and the time distribution") with
+        ``n_t`` *stratified* draws per signal, so the weight is the constant
+        Z = log λ₁² − log λ²_{t0}. With ``control_variate`` the term ‖ε‖² is replaced by its
+        expectation D (same mean and same x-gradient; off by default because it *raises* the
+        variance where ε̂ ≈ ε: measured 2× for unit-variance and 10× for small-variance
+        Gaussians). With ``antithetic`` the draws come in pairs (t, ε), (t, −ε) (``n_t`` even;
+        n_t/2 strata in t): for a Gaussian prior the score is affine, so the part of the
+        x-gradient that is linear in ε cancels exactly within each pair, which is what makes the
+        bound usable as a training signal for samplers (docs/method.md, "What the first
+        prototypes showed"). Differentiable w.r.t. x: gradients flow through the score into x.
 
         Args:
             key: PRNG key.

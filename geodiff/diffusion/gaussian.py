@@ -1,9 +1,9 @@
-"""Analytic priors: an exact Gaussian prior and a mixture of them (METHOD.md §2, §3, §9).
+"""Analytic priors: an exact Gaussian prior and a mixture of them (docs/priors.md; docs/method.md).
 
-They serve as ground truth. Their perturbed densities p_t of the VPSDE (METHOD.md §2) are known in
+They serve as ground truth. Their perturbed densities p_t of the VPSDE (docs/priors.md, "The VPSDE and the time distribution") are known in
 closed form, so the score, log p_t, samples, and the posterior under any linear-Gaussian
-measurement (METHOD.md §1) are exact. This lets us test everything a diffusion prior feeds:
-Tweedie denoising, the ELBO (METHOD.md §3: b(x) ≤ log p(x) and close), the ancestral sampler, the
+measurement (docs/concepts.md, "Operators and units") are exact. This lets us test everything a diffusion prior feeds:
+Tweedie denoising, the ELBO (docs/priors.md, "The ELBO": b(x) ≤ log p(x) and close), the ancestral sampler, the
 probability-flow ODE, and the posterior samplers (DPS, MCG, APS).
 
 Each channel is independent, and all channels share one covariance over vertices:
@@ -205,10 +205,10 @@ def _is_selection(operator) -> bool:
 
 # ---------------------------------------------------------------------------- priors
 class GaussianPrior(Prior):
-    """An exact Gaussian prior N(μ, Σ ⊗ I_C) with Σ = U diag(d) Uᵀ + ν I (METHOD.md §9).
+    """An exact Gaussian prior N(μ, Σ ⊗ I_C) with Σ = U diag(d) Uᵀ + ν I (docs/priors.md).
 
     Each channel is independent with the same covariance Σ over vertices. The VPSDE marginals
-    p_t = N(α_t μ, α_t² Σ + σ_t² I) (METHOD.md §2) are exact, and so is everything derived from
+    p_t = N(α_t μ, α_t² Σ + σ_t² I) (docs/priors.md) are exact, and so is everything derived from
     them: the score, log p_t, samples, and posteriors under linear-Gaussian measurements. Use it
     as ground truth for the learned prior's machinery and for the posterior samplers.
 
@@ -345,7 +345,7 @@ class GaussianPrior(Prior):
 
     # ---------------------------------------------------------------- density level
     def score(self, x, t):
-        """Exact ∇ₓ log p_t(x) = −(α_t² Σ + σ_t² I)⁻¹ (x − α_t μ) (METHOD.md §2).
+        """Exact ∇ₓ log p_t(x) = −(α_t² Σ + σ_t² I)⁻¹ (x − α_t μ) (docs/priors.md).
 
         Args:
             x: (..., V, C) perturbed signals x_t.
@@ -513,7 +513,7 @@ class GaussianMixturePrior(Prior):
     ∇log p_t = Σ_k r_k(x, t) ∇log p_{t,k}, with responsibilities r_k ∝ w_k p_{t,k}(x)
     (log-sum-exp). Under a linear-Gaussian measurement the posterior is again a mixture. Its
     component posteriors have closed forms, and the posterior weights are ∝ w_k · p_k(y).
-    Use it to check that posterior samplers capture several modes (METHOD.md §9: judge mixtures
+    Use it to check that posterior samplers capture several modes (docs/method.md, "What the first prototypes showed": judge mixtures
     by the mode-weight error).
 
     Args:

@@ -1,4 +1,5 @@
-"""The learned diffusion prior (METHOD.md §2): a VPSDE score model on any manifold.
+"""The learned diffusion prior (docs/priors.md, "The learned prior"): a VPSDE score model on any
+manifold.
 
 Preconditioning (EDM-style, Karras et al. 2022, with *per-vertex* data statistics). With the
 scaled input u = x_t/α_t, the noise ratio λ = σ_t/α_t, and the training data's per-vertex mean m

@@ -1,11 +1,12 @@
-"""The variance-preserving SDE (Song et al. 2021) and the time grids used with it (METHOD.md §2–§3).
+"""The variance-preserving SDE (Song et al. 2021) and the time grids used with it (docs/priors.md).
 
     dx = −½ β(t) x dt + √β(t) dW,   β(t) = β_min + t (β_max − β_min),   t ∈ [0, 1]
     x_t = α_t x_0 + σ_t ε,   α_t = exp(−½ B(t)),   σ_t² = 1 − α_t²,   B(t) = ∫₀ᵗ β
 
 The noise-to-signal ratio λ_t = σ_t / α_t = √(e^{B(t)} − 1) is monotone in t. The ELBO's
-likelihood weighting g²/σ² dt equals d log λ², so the importance distribution of METHOD.md §3 is
-*log-uniform in λ* and has a closed-form inverse CDF.
+likelihood weighting g²/σ² dt equals d log λ², so the ELBO's importance distribution
+(docs/priors.md, "The VPSDE and the time distribution") is *log-uniform in λ* and has a
+closed-form inverse CDF.
 """
 
 from __future__ import annotations

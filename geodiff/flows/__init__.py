@@ -1,4 +1,4 @@
-"""Bijections with a condition argument and the conditional RealNVP flow (METHOD.md §5)."""
+"""Bijections with a condition argument and the conditional RealNVP flow (docs/method.md)."""
 
 from geodiff.flows.realnvp import (ActNorm, AffineCoupling, ConditionalRealNVP, DenseConditioner,
                                    SpectralConditioner, vertex_partition)

@@ -1,4 +1,4 @@
-"""Conditional RealNVP on manifold signals (METHOD.md §5; Dinh et al. 2017, Sun & Bouman's DPI).
+"""Conditional RealNVP on manifold signals (docs/method.md; Dinh et al. 2017, Sun & Bouman's DPI).
 
 Every bijection maps (B, V, C) → (B, V, C) given an optional condition (B, V, Cc) and returns the
 log-determinant of its Jacobian, (B,). Padding vertices (``manifold.valid`` False) are left
@@ -250,7 +250,8 @@ class AffineCoupling(nnx.Module):
 
 
 class ConditionalRealNVP(nnx.Module):
-    """A conditional normalizing flow x = G(z; c) on a manifold (METHOD.md §5).
+    """A conditional normalizing flow x = G(z; c) on a manifold (docs/method.md, "The conditional
+    flow").
 
     ``n_steps`` steps of ActNorm → coupling on partition P → coupling on its complement; P
     alternates between a spatially interleaved partition (:func:`vertex_partition`) and a fixed
