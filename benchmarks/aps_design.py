@@ -5,7 +5,9 @@ For each task one diffusion prior (``benchmarks/train_priors.py``, trained first
 Gaussian fit to the prior's training set (kriging and the sampler's surrogate) and one set of
 unseen test signals. Variants of ``AmortizedSampler``:
 
-- centre: ``tweedie`` (Noise2Score of the prior; denoising only) or ``surrogate`` (kriging);
+- centre: ``tweedie`` (Noise2Score of the prior; denoising only), ``surrogate`` (kriging) or
+  ``mixture`` (the exact posterior of a Gaussian-mixture surrogate fitted by EM to the same
+  training signals: ``mixture_k`` components of rank ``mixture_rank``);
 - objective: ``none`` (the untrained sampler: its base), ``reverse`` (the paper's loss on the
   measurements of ``n_train`` training-split signals: learns from measurements only), ``pairs``
   (simulated pairs from the clean training split of the prior: distillation from the prior's
@@ -19,6 +21,7 @@ area-weighted (``mass``) and taken on the missing points only; on the grid every
 
     python benchmarks/aps_design.py --quick     # ≈ 25 min on 2 CPU cores
     python benchmarks/aps_design.py --quick --objectives none reverse pairs pairs+reverse
+    python benchmarks/aps_design.py --quick --tasks era5 --centres mixture --objectives none pairs
     python benchmarks/aps_design.py --smoke     # seconds (what the tests run)
 
 Writes ``<out>/results.json`` and ``<out>/results.md``.
@@ -39,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from geodiff import AmortizedSampler, Grid, Sphere  # noqa: E402
-from geodiff.amortized import GaussianSurrogate  # noqa: E402
+from geodiff.amortized import GaussianSurrogate, MixtureSurrogate  # noqa: E402
 from geodiff.baselines import gaussian_fit, kriging, noise2score  # noqa: E402
 from geodiff.metrics import coverage, crps, crps_gaussian, psnr  # noqa: E402
 from geodiff.operators import Denoise, RandomMask  # noqa: E402
@@ -65,12 +68,15 @@ class Config:
     seed: int = 0
     tasks: tuple = ("denoise", "era5")
     objectives: tuple = ("none", "reverse", "pairs")
+    centres: tuple = ("tweedie", "surrogate", "mixture")   # those that apply to the task
+    mixture_k: int = 8
+    mixture_rank: int = 64
 
 
 MODES = {"quick": Config(),
          "smoke": Config(prior_mode="smoke", n_train=40, n_calib=16, n_test=3, rank=8, steps=2,
                          batch=4, hidden=8, couplings=1, n_eig=8, samples=16, tasks=("denoise",),
-                         objectives=("none", "pairs+reverse"))}
+                         objectives=("none", "pairs+reverse"), mixture_k=2, mixture_rank=4)}
 
 
 def task_setup(name: str, cfg: Config):
@@ -133,14 +139,22 @@ def run_task(name: str, cfg: Config) -> list[dict]:
     if isinstance(op, Denoise):
         row("Noise2Score", "the diffusion prior",
             **scores(manifold, truth, meas, mean=np.asarray(noise2score(prior, op, meas))))
-    centres = ("tweedie", "surrogate") if isinstance(op, Denoise) else ("surrogate",)
+    centres = [c for c in cfg.centres if c != "tweedie" or isinstance(op, Denoise)]
+    mix = None
+    if "mixture" in centres:
+        t0 = time.perf_counter()
+        mix = MixtureSurrogate.fit(train, components=cfg.mixture_k, rank=cfg.mixture_rank,
+                                   seed=cfg.seed)
+        print(f"mixture surrogate: K={cfg.mixture_k}, R={cfg.mixture_rank}, EM "
+              f"{time.perf_counter() - t0:.0f} s, {len(mix.fit_info['history'])} iterations, "
+              f"log-likelihood {mix.fit_info['loglik']:.4f} nats/dim", flush=True)
     train_meas = op.measure(jax.random.key(cfg.seed + 101), train)
     sources = {"none": "—", "reverse": "measurements only (paper)",
                "pairs": "prior's training set (pairs)",
                "pairs+reverse": "prior's training set, then measurements"}
     for centre in centres:
         base = AmortizedSampler(manifold, prior, op, surrogate=sur, centre=centre,
-                                n_steps=cfg.couplings, hidden=cfg.hidden, n_eig=cfg.n_eig,
+                                mixture=mix if centre == "mixture" else None, n_steps=cfg.couplings, hidden=cfg.hidden, n_eig=cfg.n_eig,
                                 seed=cfg.seed, n_t=2)
         for objective in cfg.objectives:
             t0 = time.perf_counter()
@@ -196,12 +210,15 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", choices=["denoise", "era5"], default=None)
     p.add_argument("--objectives", nargs="+", default=None,
                    choices=["none", "reverse", "pairs", "pairs+reverse"])
+    p.add_argument("--centres", nargs="+", default=None,
+                   choices=["tweedie", "surrogate", "mixture"])
     p.add_argument("--out", default="outputs/aps_design")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     cfg = MODES["smoke" if args.smoke else "quick"]
     cfg = dataclasses.replace(cfg, seed=args.seed, tasks=tuple(args.tasks or cfg.tasks),
-                              objectives=tuple(args.objectives or cfg.objectives))
+                              objectives=tuple(args.objectives or cfg.objectives),
+                              centres=tuple(args.centres or cfg.centres))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -10,7 +10,7 @@ only when used).
 
 import importlib as _importlib
 
-from geodiff.amortized import AmortizedSampler, GaussianSurrogate
+from geodiff.amortized import AmortizedSampler, GaussianSurrogate, MixtureSurrogate
 from geodiff.diffusion import VPSDE, DiffusionPrior, GaussianMixturePrior, GaussianPrior
 from geodiff.flows import ConditionalRealNVP
 from geodiff.manifolds import Grid, Manifold, Mesh, Sphere
@@ -19,7 +19,8 @@ from geodiff.manifolds import Grid, Manifold, Mesh, Sphere
 __version__ = "0.4.0.dev0"
 
 __all__ = ["AmortizedSampler", "ConditionalRealNVP", "DiffusionPrior", "GaussianMixturePrior",
-           "GaussianPrior", "GaussianSurrogate", "Grid", "Manifold", "Mesh", "Sphere", "VPSDE",
+           "GaussianPrior", "GaussianSurrogate", "Grid", "Manifold", "Mesh", "MixtureSurrogate",
+           "Sphere", "VPSDE",
            "__version__"]
 
 # Sub-modules reachable as attributes of the package (PEP 562), imported on first access. A new

@@ -430,7 +430,8 @@ def test_aps_design_smoke(tmp_path, monkeypatch, bench_cache):
     monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
     rows = load_script("aps_design").main(["--smoke", "--out", str(tmp_path)])
     methods = {r["method"] for r in rows}
-    assert {"Kriging", "Noise2Score", "APS tweedie/none", "APS surrogate/pairs+reverse τ"} <= methods
+    assert {"Kriging", "Noise2Score", "APS tweedie/none", "APS surrogate/pairs+reverse τ",
+            "APS mixture/none", "APS mixture/pairs+reverse τ"} <= methods
     for r in rows:
         if r["method"].startswith("APS"):
             assert 0 <= r["coverage90"] <= 1 and r["crps"] > 0 and r["temperature"] > 0

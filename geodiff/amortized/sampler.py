@@ -13,6 +13,12 @@ The sampler draws ``x = m(y) + L₀(y)·G_φ(z; c(y))``, ``z ~ N(0, τ² I)``:
   centre and (with the surrogate centre) it samples the surrogate posterior exactly;
 * ``τ``: the base temperature, 1 until :meth:`AmortizedSampler.calibrate` sets it.
 
+With ``centre="mixture"`` the base is instead the exact posterior of a Gaussian-*mixture*
+surrogate (:mod:`geodiff.amortized.mixture`: a component k ~ π_k(y), then ``x_b = m_k(y) +
+L_k(y)·z``), and the flow acts after it on the standardized signal:
+``x = μ + s·G_φ((x_b − μ)/s; c(y))``. The base's density is a closed-form mixture, so
+``log_prob`` stays exact; an untrained sampler samples the mixture posterior exactly.
+
 Three objectives (:meth:`AmortizedSampler.fit`):
 
 * ``"reverse"`` (the paper's loss, measurements only): per measurement and draw z (reported per
@@ -42,6 +48,8 @@ from flax import nnx
 
 from geodiff._cache import atomic_savez
 from geodiff.amortized import io as _io
+from geodiff.amortized.mixture import (MixtureSurrogate, check_mixture_operator, mixture_base_params,
+                                       mixture_draw, mixture_log_prob, mixture_shared)
 from geodiff.amortized.surrogate import (GaussianSurrogate, base_forward, base_inverse, base_params,
                                          base_std, dense_posterior, selection_shared, solver_kind)
 from geodiff.diffusion.base import Prior
@@ -54,7 +62,7 @@ from geodiff.train import fit as _fit
 
 FORMAT_VERSION = 2
 PRIOR_TERMS = ("elbo", "exact")
-CENTRES = ("auto", "surrogate", "tweedie")
+CENTRES = ("auto", "surrogate", "tweedie", "mixture")
 OBJECTIVES = ("reverse", "pairs", "pairs+reverse")
 
 
@@ -118,7 +126,10 @@ class AmortizedSampler:
         centre: the base mean m(y). ``"tweedie"``: the prior's Tweedie estimate at the
             measurement's noise level (Noise2Score: one network evaluation per measurement;
             :class:`~geodiff.operators.Denoise` only). ``"surrogate"``: the surrogate's exact
-            posterior mean (kriging). ``"auto"`` (default): Tweedie for Denoise, else the surrogate.
+            posterior mean (kriging). ``"mixture"``: the exact posterior of a Gaussian-*mixture*
+            surrogate (``mixture``; a multimodal base with closed-form weights, RandomMask and
+            Denoise only); the flow then acts on the standardized signal (x − μ)/s after the
+            base draw. ``"auto"`` (default): Tweedie for Denoise, else the surrogate.
         temperature: τ > 0, std of the flow's latent z (1: untempered; set by :meth:`calibrate`).
         prior_term: ``"elbo"`` (the method: the diffusion ELBO b(x) with ``n_t`` stratified
             draws) or ``"exact"`` (``prior.log_prob``, for analytic priors; for studies).
@@ -128,6 +139,10 @@ class AmortizedSampler:
             CPU: pass samples such as the prior's training set instead).
         surrogate_samples: S when drawing from the prior.
         surrogate_rank: R, rank of the surrogate covariance (≤ S − 1).
+        mixture: with ``centre="mixture"``, a :class:`MixtureSurrogate`, or None to fit one by EM
+            (``mixture_components`` components of rank ``mixture_rank``) to the same prior samples
+            as the Gaussian surrogate (``surrogate`` must then be samples or None).
+        mixture_components, mixture_rank: K and R of the fitted mixture.
         n_t: (t, ε) draws per signal of the ELBO (``prior_term="elbo"``).
         antithetic: draw them as antithetic pairs (t, ±ε) (``n_t`` even), which cancels the
             gradient noise that is linear in ε (exactly so for Gaussian priors).
@@ -149,7 +164,8 @@ class AmortizedSampler:
     def __init__(self, manifold: Manifold, prior: Prior, operator: LinearOperator, *,
                  flow: ConditionalRealNVP | None = None, centre: str = "auto",
                  temperature: float = 1.0, prior_term: str = "elbo", surrogate=None,
-                 surrogate_samples: int = 2048, surrogate_rank: int = 256, n_t: int = 4,
+                 surrogate_samples: int = 2048, surrogate_rank: int = 256, mixture=None,
+                 mixture_components: int = 4, mixture_rank: int = 32, n_t: int = 4,
                  antithetic: bool = True, prior_weight: float = 1.0, n_steps: int = 8,
                  conditioner: str = "spectral",
                  hidden: int = 256, n_eig: int = 64, local_hidden: int = 0, encoder_width: int = 0,
@@ -180,8 +196,14 @@ class AmortizedSampler:
             raise ValueError(f"centre='tweedie' needs a Denoise operator (Tweedie's formula gives "
                              f"E[x | y] for y = x + noise), got {type(operator).__name__}; use "
                              "centre='surrogate'")
-        self.centre = "tweedie" if (centre == "tweedie" or (centre == "auto" and is_denoise)) \
-            else "surrogate"
+        if centre == "mixture":
+            check_mixture_operator(operator)
+            self.centre = "mixture"
+        else:
+            self.centre = "tweedie" if (centre == "tweedie" or (centre == "auto" and is_denoise)) \
+                else "surrogate"
+        if mixture is not None and self.centre != "mixture":
+            raise ValueError(f"mixture is used with centre='mixture' only, not centre={centre!r}")
         if self.centre == "tweedie":
             t_star = float(prior.sde.t_from_noise_ratio(operator.sigma))
             if not prior.sde.t0 <= t_star <= 1:
@@ -208,10 +230,20 @@ class AmortizedSampler:
         _check_int(seed, "seed", 0)
 
         V = manifold.n_vertices
+        samples = None
         if surrogate is None:
-            surrogate = GaussianSurrogate.from_prior(
-                jax.random.key(seed), prior, n_samples=_check_int(surrogate_samples, "surrogate_samples", 2),
-                rank=_check_int(surrogate_rank, "surrogate_rank"))
+            if self.centre == "mixture" and mixture is None:   # the mixture needs the samples too
+                n_s = _check_int(surrogate_samples, "surrogate_samples", 2)
+                samples = np.concatenate([np.asarray(prior.sample(k, min(256, n_s - 256 * i)))
+                                          for i, k in enumerate(jax.random.split(
+                                              jax.random.key(seed), -(-n_s // 256)))])
+                surrogate = GaussianSurrogate.fit(samples, rank=_check_int(surrogate_rank,
+                                                                           "surrogate_rank"))
+            else:
+                surrogate = GaussianSurrogate.from_prior(
+                    jax.random.key(seed), prior,
+                    n_samples=_check_int(surrogate_samples, "surrogate_samples", 2),
+                    rank=_check_int(surrogate_rank, "surrogate_rank"))
         elif not isinstance(surrogate, GaussianSurrogate):
             samples = np.asarray(surrogate)
             if samples.ndim != 3 or samples.shape[1:] != (V, C):
@@ -221,6 +253,23 @@ class AmortizedSampler:
         if surrogate.mean.shape != (V, C):
             raise ValueError(f"surrogate.mean must have shape ({V}, {C}), got {surrogate.mean.shape}")
         self.surrogate = surrogate
+        self.mixture = self._mshared = None
+        if self.centre == "mixture":
+            if mixture is None:
+                if samples is None:
+                    raise ValueError("centre='mixture' fits its mixture to prior samples: pass "
+                                     "mixture= (a MixtureSurrogate), or prior samples (S, V, C) "
+                                     "or None as surrogate=, not a GaussianSurrogate")
+                mixture = MixtureSurrogate.fit(
+                    samples, components=_check_int(mixture_components, "mixture_components"),
+                    rank=_check_int(mixture_rank, "mixture_rank"), seed=seed)
+            elif not isinstance(mixture, MixtureSurrogate):
+                raise TypeError(f"mixture must be a MixtureSurrogate, got {type(mixture).__name__}")
+            if tuple(mixture.mean.shape[1:]) != (V, C):
+                raise ValueError(f"mixture.mean must have shape (K, {V}, {C}), got "
+                                 f"{tuple(mixture.mean.shape)}")
+            self.mixture = mixture
+            self._mshared = mixture_shared(mixture)
 
         cc = 3 * C + 1
         if flow is None:
@@ -256,7 +305,8 @@ class AmortizedSampler:
         return (f"AmortizedSampler({self.manifold!r}, {type(self.prior).__name__}, "
                 f"{type(self.operator).__name__}(sigma={self.operator.sigma}), "
                 f"centre={self.centre!r}, temperature={self.temperature:.4g}, "
-                f"prior_term={self.prior_term!r}, rank={self.surrogate.rank})")
+                f"prior_term={self.prior_term!r}, rank={self.surrogate.rank}"
+                + (f", mixture K={self.mixture.n_components})" if self.mixture is not None else ")"))
 
     @property
     def flow(self) -> ConditionalRealNVP:
@@ -269,6 +319,7 @@ class AmortizedSampler:
 
     def _frozen(self) -> dict:
         return {"consts": self._consts, "sur": self.surrogate, "shared": self._shared,
+                "mix": self.mixture, "mshared": self._mshared,
                 "tau": jnp.float32(self.temperature)}
 
     def check_measurement(self, measurement, *, batched: bool | None = None,
@@ -325,6 +376,8 @@ class AmortizedSampler:
     def _base(self, frozen, m: Measurement) -> dict:
         """The base of B measurements: ``m0`` (B, V, C) is the centre m(y), ``std`` (B, V, C) the
         base's per-entry std, plus the surrogate solver's covariance factor."""
+        if self.centre == "mixture":
+            return mixture_base_params(self.operator, m, frozen["mix"], frozen["mshared"])
         b = base_params(self.operator, m, frozen["sur"], shared=frozen["shared"])
         if self.centre == "tweedie":
             t = self._t_star
@@ -332,6 +385,41 @@ class AmortizedSampler:
                 self.prior.denoise(self.prior.sde.alpha(t) * m.y, t).astype(b["m0"].dtype))
         b["std"] = base_std(self.kind, frozen["sur"], frozen["shared"], b)
         return b
+
+    def _strip(self, b: dict) -> dict:
+        """The base without its ``std`` (used only by the condition), except for the mixture,
+        whose density diagnostics standardize by it."""
+        return b if self.centre == "mixture" else {k: v for k, v in b.items() if k != "std"}
+
+    def _draw(self, flow, frozen, b: dict, c, z, key, *, encoded: bool = False,
+              log_q: bool = True):
+        """x = G(z; y) for latents z (B, V, C) ~ N(0, τ² I) of B measurements with bases ``b``
+        (without ``std``) and conditions ``c``; returns ``(x, log q(x | y))`` ((B,) nats; None
+        with ``log_q=False``). ``key`` picks the mixture component (centre='mixture')."""
+        sur = frozen["sur"]
+        if self.centre == "mixture":
+            xb = mixture_draw(key, frozen["mix"], b, z)
+            sd = sur.marginal_std
+            v, ld = flow.forward((xb - sur.mean) / sd, c, encoded=encoded)
+            x = sur.mean + sd * v
+            return x, (mixture_log_prob(frozen["mix"], b, xb, frozen["tau"]) - ld) if log_q else None
+        u, ld = flow.forward(z, c, encoded=encoded)
+        x, ld_base = base_forward(self.kind, sur, frozen["shared"], b, u)
+        return x, (self._log_latent(z, frozen["tau"]) - ld - ld_base) if log_q else None
+
+    def _density(self, flow, frozen, b: dict, c, x, *, encoded: bool = False):
+        """Exact log q(x | y) (B,) nats of signals x (B, V, C) of B measurements; also the
+        latent's rms (a diagnostic: ≈ τ when the flow fits)."""
+        sur = frozen["sur"]
+        if self.centre == "mixture":
+            sd = sur.marginal_std
+            w, ld_inv = flow.inverse((x - sur.mean) / sd, c, encoded=encoded)
+            xb = sur.mean + sd * w
+            return (mixture_log_prob(frozen["mix"], b, xb, frozen["tau"]) + ld_inv,
+                    jnp.sqrt(jnp.mean(((xb - b["m0"]) / b["std"]) ** 2)))
+        u, ld_base = base_inverse(self.kind, sur, frozen["shared"], b, x)
+        z, ld_inv = flow.inverse(u, c, encoded=encoded)
+        return self._log_latent(z, frozen["tau"]) + ld_inv - ld_base, jnp.sqrt(jnp.mean(z**2))
 
     @staticmethod
     def _log_latent(z, tau):
@@ -355,19 +443,16 @@ class AmortizedSampler:
         V, C = sur.mean.shape
         D = V * C
         k_z, k_p = jax.random.split(key)
+        k_z, k_k = jax.random.split(k_z)
         z = frozen["tau"] * jax.random.normal(k_z, (B, V, C))
-        u, ld_flow = flow.forward(z, c)
-        x, ld_base = base_forward(self.kind, sur, frozen["shared"], b, u)
+        x, log_q = self._draw(flow, frozen, b, c, z, k_k)
         s2 = self.operator.sigma**2
         resid = m.y - self.operator.forward(x, m)
         n_obs = jnp.sum(m.mask, axis=(-2, -1)) * C
         log_lik = -0.5 * jnp.sum(resid**2, axis=(-2, -1)) / s2 - 0.5 * n_obs * math.log(2 * math.pi * s2)
         if stl:
             fixed = nnx.merge(self._graphdef, jax.lax.stop_gradient(params), frozen["consts"])
-            z_back, ld_inv = fixed.inverse(u, c)
-            log_q = self._log_latent(z_back, frozen["tau"]) + ld_inv - ld_base
-        else:
-            log_q = self._log_latent(z, frozen["tau"]) - ld_flow - ld_base
+            log_q, _ = self._density(fixed, frozen, b, c, x)
         if self.prior_term == "exact":
             log_p = self.prior.log_prob(x)
         else:
@@ -393,12 +478,10 @@ class AmortizedSampler:
         m = self.operator.measure(k_m, x)
         b = self._base(frozen, m)
         c = self._features(sur, m, b)
-        b = {k: v for k, v in b.items() if k != "std"}
-        u, ld_base = base_inverse(self.kind, sur, frozen["shared"], b, x)
-        z, ld_inv = flow.inverse(u, c)
-        log_q = self._log_latent(z, frozen["tau"]) + ld_inv - ld_base
+        b = self._strip(b)
+        log_q, z_rms = self._density(flow, frozen, b, c, x)
         nll = -jnp.mean(log_q) / (V * C)
-        return nll, {"nll": nll, "z_rms": jnp.sqrt(jnp.mean(z**2))}
+        return nll, {"nll": nll, "z_rms": z_rms}
 
     def _check_signals(self, signals, name: str = "signals"):
         """Validated clean prior signals (N, V, C) float32, or None (draw from an analytic prior)."""
@@ -430,7 +513,7 @@ class AmortizedSampler:
             m = jax.tree.map(jnp.asarray, validation)
             b = jax.jit(self._base)(frozen, m)
             c = jax.jit(self._features)(frozen["sur"], m, b)
-            batch = {"m": m, "b": {k: v for k, v in b.items() if k != "std"}, "c": c}
+            batch = {"m": m, "b": self._strip(b), "c": c}
             one = jax.jit(lambda p, k: self._loss_reverse(p, batch, k, frozen)[0])
         else:
             x = self._check_signals(validation, "validation")
@@ -455,7 +538,7 @@ class AmortizedSampler:
             b = jax.block_until_ready(jax.jit(self._base)(frozen, m))
             c = jax.jit(self._features)(frozen["sur"], m, b)
             jax.block_until_ready(c)
-            b = {k: v for k, v in b.items() if k != "std"}
+            b = self._strip(b)
             self._train_cache = (measurements, m, b, c)
         return (m, b, c), time.perf_counter() - t0
 
@@ -600,12 +683,13 @@ class AmortizedSampler:
         V, C = frozen["sur"].mean.shape
         b = self._base(frozen, m)
         c = self._features(frozen["sur"], m, b)
-        b = {k: v for k, v in b.items() if k != "std"}
+        b = self._strip(b)
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
-        z = frozen["tau"] * jax.random.normal(key, (n * B, V, C))
+        k_z, k_k = jax.random.split(key) if self.centre == "mixture" else (key, None)
+        z = frozen["tau"] * jax.random.normal(k_z, (n * B, V, C))
         rep = lambda a: jnp.broadcast_to(a[None], (n, *a.shape)).reshape(n * B, *a.shape[1:])  # noqa: E731
-        u, _ = flow.forward(z, rep(flow.encode(c)), encoded=True)   # the encoder once per y
-        x, _ = base_forward(self.kind, frozen["sur"], frozen["shared"], jax.tree.map(rep, b), u)
+        x, _ = self._draw(flow, frozen, jax.tree.map(rep, b), rep(flow.encode(c)), z, k_k,
+                          encoded=True, log_q=False)                 # the encoder once per y
         return x.reshape(n, B, V, C)
 
     def sample(self, key, measurement: Measurement, n: int = 1):
@@ -631,13 +715,11 @@ class AmortizedSampler:
         S, B, V, C = x.shape
         b = self._base(frozen, m)
         c = self._features(frozen["sur"], m, b)
-        b = {k: v for k, v in b.items() if k != "std"}
+        b = self._strip(b)
         rep = lambda a: jnp.broadcast_to(a[None], (S, *a.shape)).reshape(S * B, *a.shape[1:])  # noqa: E731
-        u, ld_base = base_inverse(self.kind, frozen["sur"], frozen["shared"], jax.tree.map(rep, b),
-                                  x.reshape(S * B, V, C))
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
-        z, ld_inv = flow.inverse(u, rep(flow.encode(c)), encoded=True)
-        log_q = self._log_latent(z, frozen["tau"]) + ld_inv - ld_base
+        log_q, _ = self._density(flow, frozen, jax.tree.map(rep, b), rep(flow.encode(c)),
+                                 x.reshape(S * B, V, C), encoded=True)
         return log_q.reshape(S, B)
 
     def log_prob(self, x, measurement: Measurement):
@@ -784,6 +866,9 @@ class AmortizedSampler:
                   "surrogate/mean": np.asarray(self.surrogate.mean),
                   "surrogate/factor": np.asarray(self.surrogate.factor),
                   "surrogate/nugget": np.asarray(self.surrogate.nugget)}
+        if self.mixture is not None:
+            arrays |= {f"mixture/{k}": np.asarray(getattr(self.mixture, k))
+                       for k in ("mean", "factor", "nugget", "log_weights")}
         atomic_savez(path, **arrays)
         return path
 
@@ -810,9 +895,12 @@ class AmortizedSampler:
         operator = _io.operator_from_spec(meta["operator"], manifold)
         sur = GaussianSurrogate(*(jnp.asarray(arrays[f"surrogate/{k}"])
                                   for k in ("mean", "factor", "nugget")))
+        mix = (MixtureSurrogate(*(jnp.asarray(arrays[f"mixture/{k}"])
+                                  for k in ("mean", "factor", "nugget", "log_weights")))
+               if meta["centre"] == "mixture" else None)
         fc = meta["flow"]
         out = cls(manifold, prior, operator, centre=meta["centre"], temperature=meta["temperature"],
-                  prior_term=meta["prior_term"], surrogate=sur,
+                  prior_term=meta["prior_term"], surrogate=sur, mixture=mix,
                   n_t=meta["n_t"], antithetic=meta["antithetic"], prior_weight=meta["prior_weight"],
                   flow=ConditionalRealNVP(manifold, channels=prior.channels,
                                           condition_channels=3 * prior.channels + 1,
