@@ -14,7 +14,7 @@ in closed form:
   component k, by the Woodbury identity with ω = mask/(d_k + σ²) and
   ``K_k = I + F_kᵀ diag(ω) F_k`` (the same R×R matrix the solver factors):
   ``log|C_oo + σ²I| = Σ_o log(d + σ²) + log|K|`` and
-  ``rᵀ(C_oo + σ²I)⁻¹r = rᵀ diag(ω) r − ‖Lk⁻¹ Fᵀ diag(ω) r‖²``.
+  ``rᵀ(C_oo + σ²I)⁻¹r = rᵀ diag(ω) r − ‖Wᵀ Fᵀ diag(ω) r‖²`` (W Wᵀ = K⁻¹, from the solver).
 
 The mixture base is an exact density (a log-sum-exp over components), so the sampler's
 ``log_prob`` stays exact. Dimension letters: K components, N measurements, S signals, V vertices,
@@ -89,7 +89,8 @@ def mixture_fit(samples, *, components: int = 4, rank: int = 32, iters: int = 50
         iters: EM iterations (≥ 1).
         tol: stop when the mean log-likelihood per dimension rises by less than this.
         seed: seeds the k-means++ initialisation.
-        min_nugget, rel_nugget: the nugget floor (data units²).
+        min_nugget: the nugget floor's absolute part (data units²).
+        rel_nugget: the nugget floor's part relative to the mean variance.
         progress: print the log-likelihood per iteration.
 
     Returns:
@@ -243,22 +244,6 @@ def mixture_shared(msur: MixtureSurrogate) -> dict:
                                for k in range(msur.n_components)]).astype(msur.factor.dtype)}
 
 
-@functools.partial(jax.jit, static_argnames=("sigma",))
-def _evidence_one(sur: GaussianSurrogate, y, mask, *, sigma: float):
-    """log N(y_o; μ_o, C_oo + σ² I) of one component, y (V, C), mask (V, 1) → scalar nats."""
-    V, C = sur.mean.shape
-    F, d = sur.factor, sur.nugget.reshape(-1)
-    obs = jnp.broadcast_to(mask, (V, C)).reshape(-1).astype(F.dtype)
-    omega = obs / (d + sigma**2)
-    resid = obs * (y - sur.mean).reshape(-1)
-    K = jnp.eye(F.shape[1], dtype=F.dtype) + F.T @ (omega[:, None] * F)
-    lk = jnp.linalg.cholesky(K)
-    proj = jax.scipy.linalg.solve_triangular(lk, F.T @ (omega * resid), lower=True)
-    quad = jnp.sum(omega * resid**2) - jnp.sum(proj**2)
-    logdet = jnp.sum(obs * jnp.log(d + sigma**2)) + 2 * jnp.sum(jnp.log(jnp.diag(lk)))
-    return -0.5 * (quad + logdet + jnp.sum(obs) * jnp.log(2 * jnp.pi))
-
-
 def mixture_base_params(operator: LinearOperator, measurements: Measurement,
                         msur: MixtureSurrogate, shared: dict) -> dict:
     """The mixture posterior of a batch of N measurements (one sequential loop over them).
@@ -276,10 +261,11 @@ def mixture_base_params(operator: LinearOperator, measurements: Measurement,
 
         def comp(mean, factor, nugget, gram):
             sur = GaussianSurrogate(mean, factor, nugget)
-            b = _selection_one(sur, gram, y, mask, sigma=sigma)
+            b = _selection_one(sur, gram, y, mask, sigma=sigma, evidence=True)
+            logev = b.pop("logev")
             zq = b["a"][:, None] * (factor @ b["W"])
             var = (b["r"] ** 2 * (1 + jnp.sum(zq**2, axis=1))).reshape(mean.shape)
-            return b, var, _evidence_one(sur, y, mask, sigma=sigma)
+            return b, var, logev
 
         b, var, logev = jax.vmap(comp)(msur.mean, msur.factor, msur.nugget, shared["gram"])
         logw = jax.nn.log_softmax(msur.log_weights + logev)

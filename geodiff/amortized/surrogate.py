@@ -144,9 +144,15 @@ def selection_gram(sur: GaussianSurrogate):
     return jnp.asarray(gram, jnp.result_type(F.dtype, float))
 
 
-@functools.partial(jax.jit, static_argnames=("sigma",))
-def _selection_one(sur: GaussianSurrogate, gram, y, mask, *, sigma: float):
-    """Per-measurement base of a selection operator. y (V, C), mask (V, 1)."""
+@functools.partial(jax.jit, static_argnames=("sigma", "evidence"))
+def _selection_one(sur: GaussianSurrogate, gram, y, mask, *, sigma: float, evidence: bool = False):
+    """Per-measurement base of a selection operator. y (V, C), mask (V, 1).
+
+    ``evidence=True`` adds ``logev``, log N(y_o; μ_o, C_oo + σ² I) in nats, by Woodbury with
+    ω = mask/(d + σ²) (so that K = I + Fᵀ diag(ω) F): log|C_oo + σ²I| = Σ_o log(d + σ²) + log|K|
+    and rᵀ(C_oo + σ²I)⁻¹r = rᵀ diag(ω) r − ‖Wᵀ Fᵀ diag(ω) r‖², since W Wᵀ = K⁻¹. It reuses the
+    Cholesky factor and W: no second LAPACK call that XLA could dispatch beside the eigensolver
+    (independent LAPACK calls side by side can deadlock its CPU runtime)."""
     V, C = sur.mean.shape
     F, d = sur.factor, sur.nugget.reshape(-1)
     R = F.shape[1]
@@ -165,7 +171,16 @@ def _selection_one(sur: GaussianSurrogate, gram, y, mask, *, sigma: float):
     W = jax.scipy.linalg.solve_triangular(lk.T, q, lower=False)           # Z Q = diag(a) F W
     base = {"r": r, "a": a, "W": W, "s2": s2,
             "logdet": jnp.sum(jnp.log(r)) + 0.5 * jnp.sum(jnp.log1p(s2))}
-    return {**base, "m0": _selection_mean(sur, base, y, mask, sigma=sigma)}
+    out = {**base, "m0": _selection_mean(sur, base, y, mask, sigma=sigma)}
+    if evidence:
+        obs = jnp.broadcast_to(mask, (V, C)).reshape(-1).astype(F.dtype)
+        omega = w / (1 + d * w)                                       # mask / (d + σ²)
+        resid = obs * (y - sur.mean).reshape(-1)
+        proj = W.T @ (F.T @ (omega * resid))
+        quad = jnp.sum(omega * resid**2) - jnp.sum(proj**2)
+        logdet = jnp.sum(obs * jnp.log(d + sigma**2)) + 2 * jnp.sum(jnp.log(jnp.diag(lk)))
+        out["logev"] = -0.5 * (quad + logdet + jnp.sum(obs) * jnp.log(2 * jnp.pi))
+    return out
 
 
 def _selection_mean(sur: GaussianSurrogate, base: dict, y, mask, *, sigma: float):
