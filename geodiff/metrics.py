@@ -73,7 +73,8 @@ def mse(x, ref, *, weights=None, where=None):
     """Mean squared error over vertices and channels, shape (...,).
 
     Args:
-        x, ref: (..., V, C) broadcastable arrays.
+        x: (..., V, C) array.
+        ref: (..., V, C) reference, broadcastable with ``x``.
         weights: optional (V,) non-negative per-vertex weights (``manifold.mass``: area-weighted).
         where: optional bool (..., V, 1) or (..., V, C): score only these entries.
     """
@@ -107,7 +108,8 @@ def ssim(x, ref, manifold: Manifold, *, data_range: float = 1.0, sigma: float = 
     including its border crop. Borders are reflected (longitude is *not* treated as periodic).
 
     Args:
-        x, ref: (..., V, C) on a :class:`Grid` or a lat-lon :class:`Sphere`.
+        x: (..., V, C) on a :class:`Grid` or a lat-lon :class:`Sphere`.
+        ref: (..., V, C) reference, on the same manifold.
         manifold: the manifold (defines the 2-D layout).
 
     Raises:
@@ -194,9 +196,11 @@ def crps_gaussian(mean, std, ref, *, weights=None, where=None):
     entries like :func:`crps`: σ·[z(2Φ(z) − 1) + 2φ(z) − 1/√π], z = (y − μ)/σ. Units of the data.
 
     Args:
-        mean, std: (..., V, C) predictive mean and standard deviation (std > 0).
+        mean: (..., V, C) predictive mean.
+        std: (..., V, C) predictive standard deviation (std > 0).
         ref: (..., V, C) truth.
-        weights, where: as in :func:`crps`.
+        weights: as in :func:`crps`.
+        where: as in :func:`crps`.
 
     Returns:
         (...,).

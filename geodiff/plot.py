@@ -311,7 +311,8 @@ def globe(sphere: Sphere, fields: Mapping[str, np.ndarray], path=None, *, projec
         titles: dict name → title or a sequence with one title per field (default: the names).
         cmap: colour map of the shared-scale panels.
         shared_scale: one colour scale for all panels (except error/std/diff panels).
-        vmin, vmax: limits of the shared scale (default: the range of the finite values).
+        vmin: lower limit of the shared scale (default: the minimum of the finite values).
+        vmax: upper limit of the shared scale (default: the maximum of the finite values).
         central_longitude: longitude at the centre of the maps, degrees east.
         ncols: panels per row (default: up to 3).
         suptitle: a title over all panels.
@@ -409,7 +410,8 @@ def mesh_render(mesh: Mesh, fields: Mapping[str, np.ndarray], path=None, *, unit
         titles: dict name → title or a sequence with one title per field (default: the names).
         cmap: colour map of the shared-scale panels.
         shared_scale: one colour scale for all panels (except error/std/diff panels).
-        vmin, vmax: fix the shared colour range (default: the data's range).
+        vmin: lower end of the shared colour range (default: the data's minimum).
+        vmax: upper end of the shared colour range (default: the data's maximum).
         view: (elevation, azimuth) in degrees; the default (90, −90) looks down the z axis with
             x to the right and y up (the bunny's front).
         ncols: panels per row (default: up to 4).
@@ -477,7 +479,8 @@ def image_grid(grid: Grid, images, path=None, *, titles=None, cmap="gray", vmin:
         titles: dict name → title or a sequence with one title per image (default: the dict's
             names; no titles for a stacked array).
         cmap: colour map of grey images.
-        vmin, vmax: the value range shown.
+        vmin: lower end of the value range shown.
+        vmax: upper end of the value range shown.
         ncols: tiles per row (default: up to 8).
         units: label of one colour bar for the grey tiles, which share [vmin, vmax] (None, the
             default: no colour bar).

@@ -142,18 +142,34 @@ class AmortizedSampler:
         mixture: with ``centre="mixture"``, a :class:`MixtureSurrogate`, or None to fit one by EM
             (``mixture_components`` components of rank ``mixture_rank``) to the same prior samples
             as the Gaussian surrogate (``surrogate`` must then be samples or None).
-        mixture_components, mixture_rank: K and R of the fitted mixture.
+        mixture_components: K, components of the fitted mixture.
+        mixture_rank: R, rank of each fitted component.
         n_t: (t, ε) draws per signal of the ELBO (``prior_term="elbo"``).
         antithetic: draw them as antithetic pairs (t, ±ε) (``n_t`` even), which cancels the
             gradient noise that is linear in ε (exactly so for Gaussian priors).
         prior_weight: λ, weight of the prior term (1 in the paper).
-        n_steps, conditioner, hidden, n_eig, local_hidden, encoder_width, encoder_blocks, seed:
-            the default flow's settings
-            (see :class:`~geodiff.ConditionalRealNVP`); ``seed`` also draws the surrogate samples.
+        n_steps: the default flow's flow steps (this and the next six: used when ``flow`` is
+            None; see :class:`~geodiff.ConditionalRealNVP`).
+        conditioner: the default flow's conditioner, ``"spectral"`` or ``"dense"``.
+        hidden: the default flow's H.
+        n_eig: the default flow's K.
+        local_hidden: the default flow's per-vertex MLP width (0: off).
+        encoder_width: the default flow's condition-encoder width (0: no encoder).
+        encoder_blocks: the default flow's encoder blocks.
+        seed: seeds the default flow; also draws the surrogate samples.
 
     Attributes:
-        manifold, prior, operator, flow, surrogate, prior_term, n_t, antithetic, prior_weight.
-        centre: the resolved centre, ``"tweedie"`` or ``"surrogate"``.
+        manifold: as given.
+        prior: as given.
+        operator: as given, bound to ``manifold``.
+        flow: the conditional flow (given or built).
+        surrogate: the fitted (or given) :class:`GaussianSurrogate`.
+        prior_term: as given.
+        n_t: as given.
+        antithetic: as given.
+        prior_weight: as given.
+        centre: the resolved centre, ``"tweedie"``, ``"surrogate"`` or ``"mixture"``.
+        mixture: the :class:`MixtureSurrogate` (centre="mixture"; else None).
         temperature: τ.
         history: the training history of the latest :meth:`fit` (None before).
 
@@ -574,11 +590,18 @@ class AmortizedSampler:
             finetune_steps: reverse steps after pairs (``"pairs+reverse"``; default steps // 4).
             stl: path (sticking-the-landing) gradient for the reverse loss.
             batch_size: measurements (or signals) per step (one draw z each).
-            learning_rate, warmup_steps, clip_norm, ema_decay, checkpoint_dir, checkpoint_every,
-                resume, log_every, progress, devices, max_bad_steps: as in :func:`geodiff.train.fit`
-                (Adam with linear warm-up, global-norm clipping, atomic checkpoints with exact
-                resume, NaN guard, data parallelism). With ``"pairs+reverse"`` the two stages
-                checkpoint in ``checkpoint_dir/pairs`` and ``checkpoint_dir/reverse``.
+            learning_rate: as in :func:`geodiff.train.fit` (Adam), like the next ten.
+            warmup_steps: linear warm-up steps.
+            clip_norm: global-norm gradient clipping.
+            ema_decay: decay of the parameters' EMA.
+            checkpoint_dir: atomic checkpoints with exact resume. With ``"pairs+reverse"`` the two
+                stages checkpoint in ``checkpoint_dir/pairs`` and ``checkpoint_dir/reverse``.
+            checkpoint_every: steps between checkpoints.
+            resume: resume from ``checkpoint_dir``.
+            log_every: steps between history entries.
+            progress: show a progress bar.
+            devices: data parallelism.
+            max_bad_steps: the NaN guard.
             validation: held-out data that picks the parameters returned (return-best): the
                 untrained flow and the end of each stage (the EMA where ``ema_decay`` is set)
                 are scored with common random numbers and the lowest loss wins. Held-out

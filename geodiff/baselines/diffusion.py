@@ -179,7 +179,8 @@ def tune_zeta(key, prior: Prior, operator: Operator, measurement: Measurement, t
 
     Args:
         key: PRNG key (the same key for every ζ, so the comparison is paired).
-        prior, operator: as in :func:`dps`.
+        prior: as in :func:`dps`.
+        operator: as in :func:`dps`.
         measurement: a batch of validation measurements (B, V, C).
         truth: (B, V, C) their clean signals.
         zetas: candidates.

@@ -319,7 +319,8 @@ def glosea4_split(split: str, *, nlat: int = 46, nlon: int = 90) -> np.ndarray:
 
     Args:
         split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
-        nlat, nlon: target grid (see :func:`glosea4_fields`).
+        nlat: target grid rows (see :func:`glosea4_fields`).
+        nlon: target grid columns.
 
     Returns:
         (N, V, 1) float32, GASP-normalized (:func:`normalize`), V = nlat·nlon.
@@ -412,7 +413,8 @@ def era5_like(seed, n: int, *, nlat: int = 46, nlon: int = 90, n_eofs: int = 20,
     Args:
         seed: int ≥ 0 or ``numpy.random.Generator`` (used and advanced). Same int → same samples.
         n: number of samples, ≥ 0.
-        nlat, nlon: lat-lon grid (see :func:`glosea4_fields`).
+        nlat: lat-lon grid rows (see :func:`glosea4_fields`).
+        nlon: lat-lon grid columns.
         n_eofs: number of EOFs, 0 ≤ n_eofs ≤ 48 (the anomalies' rank).
         eof_scale: standard deviation of the EOF coefficients c_k, ≥ 0.
         noise_std: RMS pointwise std of ε in normalized units (0.004 ≈ 0.47 K), ≥ 0.

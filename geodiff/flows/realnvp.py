@@ -118,8 +118,10 @@ class SpectralConditioner(nnx.Module):
     part cannot (e.g. the edges of a digit). All output layers start at zero (identity coupling).
 
     Args:
-        evecs: (V, K) Laplacian eigenvectors; mass: (V,) vertex masses.
-        channels, condition_channels: C and Cc; the input has C + Cc channels.
+        evecs: (V, K) Laplacian eigenvectors.
+        mass: (V,) vertex masses.
+        channels: C, the signal's channels; the input has C + Cc channels.
+        condition_channels: Cc, the condition's channels.
         hidden: H of the global MLP.
         ring: the 1-ring table (:class:`~geodiff.diffusion.network.RingTable`, from
             :func:`~geodiff.diffusion.network.ring_table`), needed when ``local_hidden`` > 0.

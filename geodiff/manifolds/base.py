@@ -231,7 +231,8 @@ class Manifold:
         """Mass-weighted inner product ∫ a·b dA, summed over channels.
 
         Args:
-            a, b: (..., V, C) arrays (broadcastable).
+            a: (..., V, C) array.
+            b: (..., V, C) array, broadcastable with ``a``.
 
         Returns:
             (...,) array. Padding vertices (mass 0) never contribute.
