@@ -17,7 +17,9 @@ Conventions (every script):
   surrogate posterior for kriging.
 - APS rows: ``APS(n)`` is the paper's objective (measurements only) at τ = 1; ``APS[obj,τ](n)``
   the sampler trained with objective ``obj`` and calibrated (τ set on held-out training-split
-  signals); the ``learned_from`` column says what each sampler learned from.
+  signals); the ``learned_from`` column says what each sampler learned from. ``APS[mixture,τ]``
+  is the sampler whose base is the exact posterior of a Gaussian-mixture surrogate (EM on the
+  same training-split signals; selection operators only), untrained and calibrated.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from geodiff.metrics import coverage, crps, crps_gaussian, mse, psnr, ssim
 from geodiff.timing import machine_info, time_call, versions, write_json
 
 ORDER = ("APS(1)", "APS(128)", "APS[reverse,τ](1)", "APS[reverse,τ](128)", "APS[pairs,τ](1)",
-         "APS[pairs,τ](128)", "APS[pairs+reverse,τ](1)", "APS[pairs+reverse,τ](128)", "DPS",
+         "APS[pairs,τ](128)", "APS[pairs+reverse,τ](1)", "APS[pairs+reverse,τ](128)",
+         "APS[mixture,τ](1)", "APS[mixture,τ](128)", "DPS",
          "DPS×8", "MCG", "Noise2Score", "FlowPerY", "Kriging", "Harmonic")
 #: what each sampler learned from (the brief's labels), by objective
 LEARNED_FROM = {"reverse": "measurements only (the paper's loss)",
@@ -437,6 +440,8 @@ class Settings:
     fpy_n: int = 2               # test measurements FlowPerY is trained on (one flow each)
     fpy_steps: int = 200         # FlowPerY optimizer steps per measurement
     aps_objectives: tuple = ("reverse", "pairs")   # each gets calibrated rows APS[obj,τ]
+    aps_mixture_k: int = 8       # components of the APS[mixture,τ] base (0: no such row)
+    aps_mixture_rank: int = 64   # their rank
     calib_n: int = 100           # training-split signals held out of the pair objectives for τ
     calib_samples: int = 32      # samples per pair while calibrating
     calib_iters: int = 10        # bisection steps of calibrate
@@ -450,14 +455,14 @@ def slug(task: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "-" for c in task.lower()).strip("-")
 
 
-def make_aps(s: Settings, manifold, prior, op, gauss):
+def make_aps(s: Settings, manifold, prior, op, gauss, **kw):
     """An untrained APS for ``op`` with the Gaussian fit ``gauss`` = (mean, factor, nugget) as its
-    surrogate and the flow sizes of ``s``."""
+    surrogate and the flow sizes of ``s`` (``kw``: more sampler arguments, e.g. ``centre``)."""
     from geodiff import AmortizedSampler
     from geodiff.amortized import GaussianSurrogate
 
     sur = GaussianSurrogate(*(np.asarray(a, np.float32) for a in gauss))
-    return AmortizedSampler(manifold, prior, op, surrogate=sur, n_t=s.aps_n_t, seed=s.seed,
+    return AmortizedSampler(manifold, prior, op, surrogate=sur, n_t=s.aps_n_t, seed=s.seed, **kw,
                             hidden=s.aps_hidden, n_steps=s.aps_couplings, n_eig=s.aps_n_eig,
                             local_hidden=s.aps_local_hidden, encoder_width=s.aps_encoder_width,
                             encoder_blocks=s.aps_encoder_blocks)
@@ -599,6 +604,33 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         arrays, out = stages.run(f"{key}-APS-{objective}-cal{aps_tag(s)}-rows", go)
         rows.extend(out["rows"])
         est[f"{name}(1)"], est[f"{name}(128)"] = arrays["x1"], arrays["mean"]
+    if s.aps_mixture_k > 0 and isinstance(the_op, (RandomMask, Denoise)):
+        def go():
+            from geodiff.amortized import MixtureSurrogate
+
+            t0 = time.perf_counter()
+            mix = MixtureSurrogate.fit(fit_signals, components=s.aps_mixture_k,
+                                       rank=min(s.aps_mixture_rank, len(fit_signals) - 1),
+                                       seed=s.seed)
+            em_s = time.perf_counter() - t0
+            model = make_aps(s, manifold, prior, the_op, gauss, centre="mixture", mixture=mix)
+            t0 = time.perf_counter()
+            cal = model.calibrate(jax.random.key(s.seed + 105), cal_signals,
+                                  n_samples=s.calib_samples, iters=s.calib_iters)
+            cal_s = time.perf_counter() - t0
+            info = {"training_s": em_s + cal_s, "steps": 0, "train_measurements": None}
+            r, m_, _, x1_ = aps_rows(task, cal, info, meas, test, manifold, seed=s.seed,
+                                     repeats=s.repeats, dps_time=dps_time, name="APS[mixture,τ]",
+                                     scoring=sc, calibration_s=cal_s, calibration=cal.calibration,
+                                     learned_from="the prior's clean training set (EM mixture "
+                                                  "fit; untrained flow)",
+                                     mixture={"components": s.aps_mixture_k,
+                                              "rank": mix.rank, "em_s": em_s,
+                                              "loglik": mix.fit_info["loglik"]})
+            return {"mean": m_, "x1": x1_}, {"rows": r}
+        arrays, out = stages.run(f"{key}-APS-mixture-cal{aps_tag(s)}-rows", go)
+        rows.extend(out["rows"])
+        est["APS[mixture,τ](1)"], est["APS[mixture,τ](128)"] = arrays["x1"], arrays["mean"]
     if s.fpy_n > 0:
         def go():
             row, e = run_flow_per_y(task, sampler, meas, test, manifold, n_eval=s.fpy_n,

@@ -59,7 +59,7 @@ MODES = {
                     rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16,
                     aps_couplings=1, aps_n_eig=8, aps_local_hidden=4, fpy_n=1, fpy_steps=2,
                     # the 0.4 rows (shared code) run in the ERA5-like smoke only, to keep CI short
-                    aps_objectives=(), dps_ensemble_n=0),
+                    aps_objectives=(), dps_ensemble_n=0, aps_mixture_k=0),
 }
 
 

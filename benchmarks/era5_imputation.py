@@ -71,7 +71,8 @@ MODES = {
                     aps_hidden=16, aps_couplings=1, aps_n_eig=8, aps_local_hidden=4,
                     # MCG and FlowPerY (shared code) run in the bunny smoke, to keep CI short
                     mcg=False, fpy_n=0,
-                    calib_n=4, calib_samples=8, calib_iters=3, dps_chains=2, dps_ensemble_n=2),
+                    calib_n=4, calib_samples=8, calib_iters=3, dps_chains=2, dps_ensemble_n=2,
+                    aps_mixture_k=2, aps_mixture_rank=8),
 }
 
 

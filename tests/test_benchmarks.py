@@ -76,7 +76,8 @@ def run_smoke(name, tmp_path, monkeypatch, cache, *extra, design_rows=False, kri
 
 
 # the rows 0.4 added to every comparison (smoke: a DPS ensemble of 2 chains; ERA5-like only)
-DESIGN_ROWS = {"DPS×2", "APS[reverse,τ](1)", "APS[reverse,τ](128)", "APS[pairs,τ](1)", "APS[pairs,τ](128)"}
+DESIGN_ROWS = {"DPS×2", "APS[reverse,τ](1)", "APS[reverse,τ](128)", "APS[pairs,τ](1)", "APS[pairs,τ](128)",
+               "APS[mixture,τ](1)", "APS[mixture,τ](128)"}
 
 
 def methods_by_task(rows):
