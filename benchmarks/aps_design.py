@@ -76,7 +76,8 @@ class Config:
 MODES = {"quick": Config(),
          "smoke": Config(prior_mode="smoke", n_train=40, n_calib=16, n_test=3, rank=8, steps=2,
                          batch=4, hidden=8, couplings=1, n_eig=8, samples=16, tasks=("denoise",),
-                         objectives=("none", "pairs+reverse"), mixture_k=2, mixture_rank=4)}
+                         objectives=("none", "pairs+reverse"), mixture_k=2, mixture_rank=4,
+                         centres=("tweedie", "mixture"))}   # the surrogate centre: era5 smoke
 
 
 def task_setup(name: str, cfg: Config):

@@ -84,9 +84,9 @@ def test_exact_mixture_base_is_the_exact_posterior(prior64, grid, op):
     x = prior.posterior_sample(jax.random.key(3), op, m, 4)                # (4, 6, V, 1)
     np.testing.assert_allclose(s.log_prob(x, m), exact_log_post(prior, op, m, x), rtol=1e-10)
     # the samples are posterior samples: their mean matches with many draws
-    xs = s.sample(jax.random.key(4), m, 4000)
+    xs = s.sample(jax.random.key(4), m, 1000)
     err = np.abs(np.asarray(xs.mean(0) - want_mean)) / np.asarray(want_std)
-    assert err.max() < 5 / np.sqrt(4000) * 1.5
+    assert err.max() < 5 / np.sqrt(1000)        # 5 standard errors, over 6 × 64 entries
 
 
 def test_mixture_log_prob_is_the_change_of_variables(prior64, grid):
@@ -164,7 +164,7 @@ def test_mixture_sampler_closes_the_bimodal_gap(grid, prior):
     mix = small(grid, prior, op, centre="mixture", surrogate=signals, surrogate_rank=63,
                 mixture_components=2, mixture_rank=32)
     held_out = np.asarray(prior.sample(jax.random.key(99), 256))       # clean, not test signals
-    trained, hist = mix.fit(jax.random.key(1), None, steps=100, objective="pairs", batch_size=64,
+    trained, hist = mix.fit(jax.random.key(1), None, steps=60, objective="pairs", batch_size=64,
                             learning_rate=1e-3, warmup_steps=20, progress=False,
                             validation=held_out)
     got = scores(trained.sample(jax.random.key(5), meas, S))

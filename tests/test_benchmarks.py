@@ -76,8 +76,7 @@ def run_smoke(name, tmp_path, monkeypatch, cache, *extra, design_rows=False, kri
 
 
 # the rows 0.4 added to every comparison (smoke: a DPS ensemble of 2 chains; ERA5-like only)
-DESIGN_ROWS = {"DPS×2", "APS[reverse,τ](1)", "APS[reverse,τ](128)", "APS[pairs,τ](1)", "APS[pairs,τ](128)",
-               "APS[mixture,τ](1)", "APS[mixture,τ](128)"}
+DESIGN_ROWS = {"DPS×2", "APS[reverse,τ](1)", "APS[reverse,τ](128)", "APS[pairs,τ](1)", "APS[pairs,τ](128)"}
 
 
 def methods_by_task(rows):
@@ -130,7 +129,9 @@ def test_bunny_mnist_inpainting_smoke(tmp_path, monkeypatch, bench_cache):
     assert "MNIST on Stanford bunny res3" in on_disk["meta"]["data_source"]
     assert methods_by_task(on_disk["rows"]) == {
         "bunny inpaint 30%, σ=0.1": {"Kriging", "Harmonic", "DPS", "MCG", "APS(1)", "APS(128)",
-                                     "FlowPerY"}}
+                                     "FlowPerY", "APS[mixture,τ](1)", "APS[mixture,τ](128)"}}
+    mix = next(r for r in on_disk["rows"] if r["method"] == "APS[mixture,τ](128)")
+    assert mix["mixture"]["components"] == 2 and mix["learned_from"].startswith("the prior's clean")
     assert all(r["ssim"] is None for r in on_disk["rows"])     # no 2-D layout on a mesh: MSE only
     assert_flowpery_column(on_disk["rows"], tmp_path / "out" / "results.md")
     assert (tmp_path / "out" / "bunny.png").stat().st_size > 0
@@ -431,7 +432,7 @@ def test_aps_design_smoke(tmp_path, monkeypatch, bench_cache):
     monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
     rows = load_script("aps_design").main(["--smoke", "--out", str(tmp_path)])
     methods = {r["method"] for r in rows}
-    assert {"Kriging", "Noise2Score", "APS tweedie/none", "APS surrogate/pairs+reverse τ",
+    assert {"Kriging", "Noise2Score", "APS tweedie/none", "APS tweedie/pairs+reverse τ",
             "APS mixture/none", "APS mixture/pairs+reverse τ"} <= methods
     for r in rows:
         if r["method"].startswith("APS"):
