@@ -325,21 +325,267 @@ def load_checkpoint(path, *, params_like=None) -> dict:
     return out
 
 
+def _resume(ckpt: Path, carry: dict, key, *, steps: int, config: dict, ema_decay, place: _Placement
+            ) -> tuple[dict, Any, dict]:
+    """Continue from the checkpoint file ``ckpt``: its parameters, optimizer state, EMA, key, step.
+
+    Args:
+        ckpt: the ``checkpoint.npz`` file (it exists).
+        carry: the fresh carry of :func:`_initial_carry`; its trees give the structure the file is
+            checked against (leaf by leaf).
+        key: the key given to :func:`fit` (a warning if the checkpoint's differs; the checkpoint's
+            is used).
+        steps: that of this call (an error if the checkpoint is past it).
+        config: that of this call (a warning for each :data:`_RESUME_CHECKED` entry that differs
+            from the saved one).
+        ema_decay: that of this call; a checkpoint without EMA starts it at its parameters.
+        place: where the loaded trees go (as private copies: they are donated).
+
+    Returns:
+        ``(carry, key, saved_history)``: a new carry (host scalars ``step``, ``n_bad``,
+        ``bad_run``), the checkpoint's key and the history it recorded (a plain dict).
+
+    Warnings are issued at the caller of :func:`fit` (``stacklevel=3``).
+    """
+    meta, arrays = _read_checkpoint(ckpt)
+    if meta["step"] > steps:
+        raise ValueError(f"checkpoint {ckpt} is at step {meta['step']}, past steps = {steps}; "
+                         "raise steps, or use resume=False / another checkpoint_dir")
+    changed = [k for k in _RESUME_CHECKED if meta["config"].get(k) != config[k]]
+    if changed:
+        warnings.warn(f"resuming from {ckpt} with different {', '.join(changed)} "
+                      f"(was {[meta['config'].get(k) for k in changed]}, now "
+                      f"{[config[k] for k in changed]})", stacklevel=3)
+    carry = dict(carry)
+    for name in ("params", "opt_state"):
+        leaves = _unpack_leaves(name, meta["trees"][name], arrays)
+        carry[name] = place.copy(_unflatten_like(name, meta["trees"][name], leaves, carry[name],
+                                                 ckpt))
+    if ema_decay is not None:
+        if meta["trees"]["ema"] is None:
+            carry["ema"] = place.copy(carry["params"])
+        else:
+            leaves = _unpack_leaves("ema", meta["trees"]["ema"], arrays)
+            carry["ema"] = place.copy(_unflatten_like("ema", meta["trees"]["ema"], leaves,
+                                                      carry["params"], ckpt))
+    saved_key = _unpack_leaves("key", meta["trees"]["key"], arrays)[0]
+    if not np.array_equal(_to_numpy(saved_key), _to_numpy(key)):
+        warnings.warn(f"resuming from {ckpt}: using the checkpoint's key, not the one given",
+                      stacklevel=3)
+    carry.update(step=np.int32(meta["step"]), n_bad=np.int32(meta["n_bad"]),
+                 bad_run=np.int32(meta["bad_run"]))
+    return carry, saved_key, meta["history"]
+
+
+# -------------------------------------------------------------------------------------- arguments
+def _check_arguments(params, data, *, steps, batch_size, optimizer, learning_rate, warmup_steps,
+                     clip_norm, ema_decay, checkpoint_every, log_every, max_bad_steps, devices
+                     ) -> tuple[int, list]:
+    """Check :func:`fit`'s arguments (ValueError on the first bad one, in signature order).
+
+    Returns:
+        ``(N, devices)``: the number of examples in ``data`` and the device list (default
+        ``jax.local_devices()``), D ≥ 1 of them with ``batch_size`` divisible by D.
+    """
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
+    n_examples = _n_examples(data)
+    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n_examples:
+        raise ValueError(f"batch_size must be an integer in [1, N = {n_examples}], got {batch_size!r}")
+    if optimizer is None:
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+        if not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer ≥ 0, got {warmup_steps!r}")
+    elif not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError(f"optimizer must be an optax GradientTransformation, got {type(optimizer)}")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
+    for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every),
+                    ("max_bad_steps", max_bad_steps)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {v!r}")
+    if not jax.tree.leaves(_trainable(params)):
+        raise ValueError("params has no floating-point leaves to train")
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must name at least one device")
+    if batch_size % len(devices):
+        raise ValueError(f"batch_size = {batch_size} must be divisible by the number of devices "
+                         f"({len(devices)}); pass devices=... to use fewer")
+    return n_examples, devices
+
+
+def _transform(optimizer, learning_rate, warmup_steps, clip_norm) -> optax.GradientTransformation:
+    """The update rule: ``optimizer`` (default :func:`_default_optimizer`), after gradient clipping
+    to the global norm ``clip_norm`` unless it is None."""
+    tx = _default_optimizer(learning_rate, warmup_steps) if optimizer is None else optimizer
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return tx
+
+
+def _aux_names(loss_fn, params, data, key, frozen, *, batch_size: int, has_aux: bool) -> list[str]:
+    """The sorted names of the loss's auxiliary outputs ([] without ``has_aux``).
+
+    Traces ``loss_fn(params, batch, fold_in(key, 0), frozen)`` abstractly (``jax.eval_shape``, no
+    computation, no key consumed) on a batch of B examples of ``data``, for an early, clear error
+    on a loss that fails, returns the wrong kind of value, or is not a scalar.
+    """
+    idx0 = np.zeros((batch_size,), np.int32)
+    batch0 = jax.eval_shape(lambda d: jax.tree.map(lambda a: a[idx0], d), data)
+    try:
+        out = jax.eval_shape(loss_fn, params, batch0, jax.random.fold_in(key, 0), frozen)
+    except Exception as e:
+        e.add_note(f"(in geodiff.train.fit: loss_fn(params, batch, key) traced on a batch of shape "
+                   f"{jax.tree.map(lambda a: a.shape, batch0)})")
+        raise
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+            raise ValueError("with has_aux=True, loss_fn must return (loss, aux_dict)")
+        loss_shape, aux_names = out[0], sorted(out[1])
+        clash = set(aux_names) & {*_HISTORY_LISTS, "n_bad", "compile_s", "step_s"}
+        if clash:
+            raise ValueError(f"aux names {sorted(clash)} clash with history entries")
+    else:
+        if isinstance(out, tuple):
+            raise ValueError("loss_fn returned a tuple; pass has_aux=True if it returns "
+                             "(loss, aux)")
+        loss_shape, aux_names = out, []
+    if getattr(loss_shape, "shape", None) != ():
+        raise ValueError("loss_fn must return a scalar loss, got shape "
+                         f"{getattr(loss_shape, 'shape', None)}")
+    return aux_names
+
+
+def _config(loss_fn, data, *, steps, batch_size, optimizer, learning_rate, warmup_steps, clip_norm,
+            ema_decay, max_bad_steps, has_aux, n_devices) -> dict:
+    """The fit arguments that matter, as saved in a checkpoint's ``config`` (JSON)."""
+    return {
+        "steps": int(steps), "batch_size": int(batch_size),
+        "optimizer": "adam" if optimizer is None else f"custom ({type(optimizer).__name__})",
+        "learning_rate": float(learning_rate) if optimizer is None else None,
+        "warmup_steps": int(warmup_steps) if optimizer is None else None,
+        "clip_norm": None if clip_norm is None else float(clip_norm),
+        "ema_decay": None if ema_decay is None else float(ema_decay),
+        "max_bad_steps": int(max_bad_steps), "has_aux": bool(has_aux), "n_devices": n_devices,
+        "data": [list(jnp.shape(a)) for a in jax.tree.leaves(data)],
+        "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
+    }
+
+
+# -------------------------------------------------------------------------------------- placement
+class _Placement:
+    """Where :func:`fit` keeps its arrays: one device plainly, D > 1 devices through a 1-D mesh.
+
+    Attributes:
+        where: the sharding of everything but the batch: the device, or replicated over the mesh
+            ``('data',)``.
+        batch_sharding: the batch's sharding along its leading axis B over the mesh (None on one
+            device).
+        out_sharding: the step's output sharding (``where`` over a mesh, None on one device).
+    """
+
+    def __init__(self, devices: list):
+        if len(devices) > 1:
+            mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+            spec = jax.sharding.PartitionSpec
+            self.where = jax.sharding.NamedSharding(mesh, spec())
+            self.batch_sharding = jax.sharding.NamedSharding(mesh, spec("data"))
+        else:
+            self.where, self.batch_sharding = jax.sharding.SingleDeviceSharding(devices[0]), None
+        self.out_sharding = self.where if len(devices) > 1 else None
+        self._copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.where)
+
+    def put(self, tree):
+        """``tree`` at ``where``; may share the caller's buffers, so never for a donated tree."""
+        return jax.device_put(tree, self.where)
+
+    def copy(self, tree):
+        """A private copy of ``tree`` at ``where``, for every donated tree: ``device_put`` may hand
+        back the caller's buffer (even with may_alias=False when replicating onto a mesh), which
+        donation would then delete."""
+        return self._copy(jax.device_put(tree, self.where))
+
+
+def _initial_carry(params, params_dev, tx, ema_decay, place: _Placement) -> dict:
+    """The state at step 0: ``params``, ``opt_state``, ``ema`` (None without ``ema_decay``) on the
+    device(s), and host int32 scalars ``step``, ``n_bad``, ``bad_run`` (all 0)."""
+    return {"params": params_dev, "opt_state": place.copy(tx.init(_trainable(params_dev))),
+            "ema": place.copy(params) if ema_decay is not None else None,
+            "step": np.int32(0), "n_bad": np.int32(0), "bad_run": np.int32(0)}
+
+
+def _carry_to_device(carry: dict, aux_names, place: _Placement) -> dict:
+    """``carry`` with its scalars on the device(s) and an empty window ``win`` added: the step's
+    input (see :func:`_make_step`)."""
+    carry = dict(carry)
+    for k in ("step", "n_bad", "bad_run"):
+        carry[k] = place.put(carry[k])
+    carry["win"] = place.put(_zero_window(aux_names))
+    return carry
+
+
 # -------------------------------------------------------------------------------------- the step
+def _draw_batch(data, key, step, *, batch_size, n_examples, batch_sharding):
+    """The batch of step ``step`` and its loss key, both functions of ``(key, step)`` alone.
+
+    ``batch_size`` indices drawn uniformly with replacement from [0, N) with the first half of
+    ``split(fold_in(key, step))``; returns ``(batch, k_loss)``, ``batch`` with the structure of
+    ``data`` and leading axis B (sharded along B by ``batch_sharding`` unless it is None).
+    """
+    k_batch, k_loss = jax.random.split(jax.random.fold_in(key, step))
+    idx = jax.random.randint(k_batch, (batch_size,), 0, n_examples)
+    if batch_sharding is not None:
+        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+    batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return batch, k_loss
+
+
+def _ema_update(ema, params, step, ema_decay: float):
+    """``d · ema + (1 − d) · params`` on trainable leaves (others take ``params``'), with the
+    warmed-up decay ``d = min(ema_decay, (1 + step) / (10 + step))`` (``step`` 0-based)."""
+    t = step.astype(jnp.float32)
+    d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype)
+                        if _is_trainable(e) else p, ema, params)
+
+
+def _window_update(win, ok, loss, grad_norm, aux, bad_run, aux_names) -> dict:
+    """Add one step to the logging window (see :func:`_zero_window`): the sums of the finite steps'
+    loss, gradient norm and aux means (float32), their count ``n``, and ``worst``, the longest run
+    of consecutive skipped steps seen (``bad_run`` after this step)."""
+    return {
+        "n": win["n"] + ok.astype(jnp.int32),
+        "worst": jnp.maximum(win["worst"], bad_run),
+        "loss": win["loss"] + jnp.where(ok, loss, 0.0).astype(jnp.float32),
+        "grad_norm": win["grad_norm"] + jnp.where(ok, grad_norm, 0.0).astype(jnp.float32),
+        "aux": {k: win["aux"][k] + jnp.where(ok, jnp.mean(aux[k]), 0.0).astype(jnp.float32)
+                for k in aux_names},
+    }
+
+
 def _make_step(loss_fn, tx, *, has_aux, ema_decay, batch_size, n_examples, aux_names,
                batch_sharding, out_sharding):
     """The jitted train step ``(carry, data, key, frozen) -> carry``; the carry (arg 0) is donated.
-    ``loss_fn(params, batch, key, frozen)``."""
+
+    ``loss_fn(params, batch, key, frozen)``. The carry holds ``params``, ``opt_state``, ``ema``
+    (or None), the int32 scalars ``step`` (steps taken), ``n_bad`` (skipped steps),
+    ``bad_run`` (current run of consecutive skipped steps) and the logging window ``win``. One step:
+    draw the batch (:func:`_draw_batch`), loss and gradient of the trainable leaves, the update
+    ``tx`` (gradient clipping included), the NaN guard (keep the old params, optimizer state and
+    EMA unless the loss and the global gradient norm are finite), the EMA (:func:`_ema_update`) and
+    the window (:func:`_window_update`).
+    """
 
     def step_fn(carry, data, key, frozen):
         params, step = carry["params"], carry["step"]
-        k_batch, k_loss = jax.random.split(jax.random.fold_in(key, step))
-        idx = jax.random.randint(k_batch, (batch_size,), 0, n_examples)
-        if batch_sharding is not None:
-            idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
-        batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
-        if batch_sharding is not None:
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        batch, k_loss = _draw_batch(data, key, step, batch_size=batch_size, n_examples=n_examples,
+                                    batch_sharding=batch_sharding)
 
         def objective(trainable):
             out = loss_fn(_merge(trainable, params), batch, k_loss, frozen)
@@ -355,23 +601,13 @@ def _make_step(loss_fn, tx, *, has_aux, ema_decay, batch_size, n_examples, aux_n
         new["params"] = _select(ok, new_params, params)
         new["opt_state"] = _select(ok, new_opt, carry["opt_state"])
         if ema_decay is not None:
-            t = step.astype(jnp.float32)
-            d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-            ema = jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype)
-                               if _is_trainable(e) else p, carry["ema"], new_params)
-            new["ema"] = _select(ok, ema, carry["ema"])
+            new["ema"] = _select(ok, _ema_update(carry["ema"], new_params, step, ema_decay),
+                                 carry["ema"])
         new["step"] = step + 1
         new["n_bad"] = carry["n_bad"] + (~ok).astype(jnp.int32)
         new["bad_run"] = jnp.where(ok, 0, carry["bad_run"] + 1)
-        win = carry["win"]
-        new["win"] = {
-            "n": win["n"] + ok.astype(jnp.int32),
-            "worst": jnp.maximum(win["worst"], new["bad_run"]),
-            "loss": win["loss"] + jnp.where(ok, loss, 0.0).astype(jnp.float32),
-            "grad_norm": win["grad_norm"] + jnp.where(ok, grad_norm, 0.0).astype(jnp.float32),
-            "aux": {k: win["aux"][k] + jnp.where(ok, jnp.mean(aux[k]), 0.0).astype(jnp.float32)
-                    for k in aux_names},
-        }
+        new["win"] = _window_update(carry["win"], ok, loss, grad_norm, aux, new["bad_run"],
+                                    aux_names)
         return new
 
     extra = {} if out_sharding is None else {"out_shardings": out_sharding}
@@ -379,9 +615,99 @@ def _make_step(loss_fn, tx, *, has_aux, ema_decay, batch_size, n_examples, aux_n
 
 
 def _zero_window(aux_names) -> dict:
+    """An empty logging window (host scalars): ``n``, ``worst`` (int32) and the float32 sums
+    ``loss``, ``grad_norm``, ``aux[name]``."""
     z = np.zeros((), np.float32)
     return {"n": np.zeros((), np.int32), "worst": np.zeros((), np.int32), "loss": z,
             "grad_norm": z, "aux": {k: z for k in aux_names}}
+
+
+def _too_many_bad_steps(worst: int, max_bad_steps: int, step: int, n_bad: int, ckpt
+                        ) -> FloatingPointError:
+    """The error raised when ``worst`` ≥ ``max_bad_steps`` consecutive steps were skipped."""
+    return FloatingPointError(
+        f"{worst} consecutive steps (≥ max_bad_steps = {max_bad_steps}) had a "
+        f"non-finite loss or gradient norm, by step {step} ({n_bad} skipped in all); their "
+        "updates were skipped, parameters are the last finite ones"
+        + (f" (checkpoint in {ckpt.parent})" if ckpt is not None else "")
+        + ". Lower the learning rate, check the data for NaN/inf, or check loss_fn.")
+
+
+# ---------------------------------------------------------------------------------------- history
+class _Recorder:
+    """The :class:`History` of a fit call and its clock (wall seconds, ``time.perf_counter``).
+
+    Attributes:
+        history: the :class:`History` (the saved lists of a resumed run, continued).
+        previous: ``compile_s`` / ``step_s`` of the call that wrote the checkpoint resumed from
+            (used when this call runs fewer than two steps).
+    """
+
+    def __init__(self, aux_names, saved: dict | None = None):
+        """``saved``: the history recorded in the checkpoint resumed from (None: a fresh run)."""
+        self.aux_names = aux_names
+        self.history = History(step=[], loss=[], grad_norm=[], time=[],
+                               **{k: [] for k in aux_names})
+        self.previous = {}
+        for k, v in (saved or {}).items():
+            if isinstance(v, list):
+                self.history[k] = list(v)
+            elif k in ("compile_s", "step_s"):
+                self.previous[k] = v
+
+    def start(self) -> None:
+        """Start the clock (``time`` goes on from the last saved entry, 0 for a fresh run)."""
+        self.time0 = self.history["time"][-1] if self.history["time"] else 0.0
+        self.t_start = time.perf_counter()
+        self.compile_s, self.step_times = None, []
+        self.t_mark, self.n_since = self.t_start, 0
+
+    def stepped(self, carry, *, first: bool) -> None:
+        """After a step was dispatched; the first one is waited for and timed as ``compile_s``."""
+        if first:
+            jax.block_until_ready(carry)
+            self.compile_s = time.perf_counter() - self.t_start
+            self.t_mark, self.n_since = time.perf_counter(), 0
+        else:
+            self.n_since += 1
+
+    def record(self, step: int, win: dict, n_bad) -> int:
+        """Append the entry of ``step`` from the window ``win`` (on the host): means over its
+        ``win['n']`` finite steps (NaN if none), the time, and the per-step time of the steps since
+        the last mark. Fetches ``n_bad`` (the device's count of skipped steps) and returns it."""
+        now = time.perf_counter()
+        if self.n_since:
+            self.step_times.append((now - self.t_mark) / self.n_since)
+        n_ok = int(win["n"])
+        mean = (lambda v: float(v) / n_ok) if n_ok else (lambda v: math.nan)
+        history = self.history
+        history["step"].append(step)
+        history["loss"].append(mean(win["loss"]))
+        history["grad_norm"].append(mean(win["grad_norm"]))
+        history["time"].append(self.time0 + now - self.t_start)
+        for k in self.aux_names:
+            history[k].append(mean(win["aux"][k]))
+        n_bad = int(jax.device_get(n_bad))
+        history["n_bad"] = n_bad
+        return n_bad
+
+    def restart(self) -> None:
+        """Mark the time after an entry (and a checkpoint write): step times start again here."""
+        self.t_mark, self.n_since = time.perf_counter(), 0
+
+    def timings(self) -> dict:
+        """``compile_s`` and ``step_s`` (median seconds per step) of this call, or the previous
+        call's where this one has none."""
+        return {"compile_s": self.compile_s if self.compile_s is not None
+                else self.previous.get("compile_s"),
+                "step_s": (statistics.median(self.step_times) if self.step_times
+                           else self.previous.get("step_s", math.nan))}
+
+    def stamp(self, n_bad: int) -> History:
+        """Set the scalars ``n_bad``, ``compile_s``, ``step_s`` (before a checkpoint; at the end)
+        and return the history."""
+        self.history.update(n_bad=n_bad, **self.timings())
+        return self.history
 
 
 # --------------------------------------------------------------------------------------- the loop
@@ -450,210 +776,76 @@ def fit(key, loss_fn: Callable, params, data, *, steps: int, batch_size: int,
             (or is past ``steps``).
         FloatingPointError: ``max_bad_steps`` consecutive non-finite steps.
     """
-    # --- arguments
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
-    n_examples = _n_examples(data)
-    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n_examples:
-        raise ValueError(f"batch_size must be an integer in [1, N = {n_examples}], got {batch_size!r}")
-    if optimizer is None:
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
-        if not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer ≥ 0, got {warmup_steps!r}")
-    elif not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise ValueError(f"optimizer must be an optax GradientTransformation, got {type(optimizer)}")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}")
-    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
-    for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every),
-                    ("max_bad_steps", max_bad_steps)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an integer ≥ 1, got {v!r}")
-    if not jax.tree.leaves(_trainable(params)):
-        raise ValueError("params has no floating-point leaves to train")
-    devices = list(jax.local_devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("devices must name at least one device")
-    n_dev = len(devices)
-    if batch_size % n_dev:
-        raise ValueError(f"batch_size = {batch_size} must be divisible by the number of devices "
-                         f"({n_dev}); pass devices=... to use fewer")
+    n_examples, devices = _check_arguments(
+        params, data, steps=steps, batch_size=batch_size, optimizer=optimizer,
+        learning_rate=learning_rate, warmup_steps=warmup_steps, clip_norm=clip_norm,
+        ema_decay=ema_decay, checkpoint_every=checkpoint_every, log_every=log_every,
+        max_bad_steps=max_bad_steps, devices=devices)
+    tx = _transform(optimizer, learning_rate, warmup_steps, clip_norm)
 
-    tx = _default_optimizer(learning_rate, warmup_steps) if optimizer is None else optimizer
-    if clip_norm is not None:
-        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-
-    # --- placement: one device plainly, several through a 1-D mesh
-    if n_dev > 1:
-        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-        where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    else:
-        where, batch_sharding = jax.sharding.SingleDeviceSharding(devices[0]), None
-    out_sharding = where if n_dev > 1 else None
+    # --- placement: data and frozen arrays shared, donated trees copied
+    place = _Placement(devices)
     if frozen is not None:
-        user_loss, frozen_dev = loss_fn, jax.device_put(frozen, where)
+        user_loss, frozen_dev = loss_fn, place.put(frozen)
     else:
         user_loss, frozen_dev = (lambda p, b, k, f: loss_fn(p, b, k)), None
-    # A private copy for every donated tree: device_put may hand back the caller's buffer (even with
-    # may_alias=False when replicating onto a mesh), which donation would then delete.
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=where)
-
-    def put(tree):
-        return copy(jax.device_put(tree, where))
-
-    data_dev = jax.device_put(data, where)
-    params_dev = put(params)
-
-    # --- the loss's auxiliary outputs (and an early, clear error on a bad loss)
-    idx0 = np.zeros((batch_size,), np.int32)
-    batch0 = jax.eval_shape(lambda d: jax.tree.map(lambda a: a[idx0], d), data_dev)
-    try:
-        out = jax.eval_shape(user_loss, params_dev, batch0, jax.random.fold_in(key, 0), frozen_dev)
-    except Exception as e:
-        e.add_note(f"(in geodiff.train.fit: loss_fn(params, batch, key) traced on a batch of shape "
-                   f"{jax.tree.map(lambda a: a.shape, batch0)})")
-        raise
-    if has_aux:
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
-            raise ValueError("with has_aux=True, loss_fn must return (loss, aux_dict)")
-        loss_shape, aux_names = out[0], sorted(out[1])
-        clash = set(aux_names) & {*_HISTORY_LISTS, "n_bad", "compile_s", "step_s"}
-        if clash:
-            raise ValueError(f"aux names {sorted(clash)} clash with history entries")
-    else:
-        if isinstance(out, tuple):
-            raise ValueError("loss_fn returned a tuple; pass has_aux=True if it returns (loss, aux)")
-        loss_shape, aux_names = out, []
-    if getattr(loss_shape, "shape", None) != ():
-        raise ValueError("loss_fn must return a scalar loss, got shape "
-                         f"{getattr(loss_shape, 'shape', None)}")
-
-    config = {
-        "steps": int(steps), "batch_size": int(batch_size),
-        "optimizer": "adam" if optimizer is None else f"custom ({type(optimizer).__name__})",
-        "learning_rate": float(learning_rate) if optimizer is None else None,
-        "warmup_steps": int(warmup_steps) if optimizer is None else None,
-        "clip_norm": None if clip_norm is None else float(clip_norm),
-        "ema_decay": None if ema_decay is None else float(ema_decay),
-        "max_bad_steps": int(max_bad_steps), "has_aux": bool(has_aux), "n_devices": n_dev,
-        "data": [list(jnp.shape(a)) for a in jax.tree.leaves(data)],
-        "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
-    }
+    data_dev = place.put(data)
+    params_dev = place.copy(params)
+    aux_names = _aux_names(user_loss, params_dev, data_dev, key, frozen_dev, batch_size=batch_size,
+                           has_aux=has_aux)
+    config = _config(loss_fn, data, steps=steps, batch_size=batch_size, optimizer=optimizer,
+                     learning_rate=learning_rate, warmup_steps=warmup_steps, clip_norm=clip_norm,
+                     ema_decay=ema_decay, max_bad_steps=max_bad_steps, has_aux=has_aux,
+                     n_devices=len(devices))
 
     # --- initial state, or the checkpoint's
-    carry = {"params": params_dev, "opt_state": put(tx.init(_trainable(params_dev))),
-             "ema": put(params) if ema_decay is not None else None,
-             "step": np.int32(0), "n_bad": np.int32(0), "bad_run": np.int32(0)}
-    history = History(step=[], loss=[], grad_norm=[], time=[], **{k: [] for k in aux_names})
-    previous = {}        # timings of the call that wrote the checkpoint we resume from
+    carry, saved = _initial_carry(params, params_dev, tx, ema_decay, place), None
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     if resume and ckpt is not None and ckpt.exists():
-        meta, arrays = _read_checkpoint(ckpt)
-        if meta["step"] > steps:
-            raise ValueError(f"checkpoint {ckpt} is at step {meta['step']}, past steps = {steps}; "
-                             "raise steps, or use resume=False / another checkpoint_dir")
-        changed = [k for k in _RESUME_CHECKED if meta["config"].get(k) != config[k]]
-        if changed:
-            warnings.warn(f"resuming from {ckpt} with different {', '.join(changed)} "
-                          f"(was {[meta['config'].get(k) for k in changed]}, now "
-                          f"{[config[k] for k in changed]})", stacklevel=2)
-        for name in ("params", "opt_state"):
-            leaves = _unpack_leaves(name, meta["trees"][name], arrays)
-            carry[name] = put(_unflatten_like(name, meta["trees"][name], leaves, carry[name], ckpt))
-        if ema_decay is not None:
-            if meta["trees"]["ema"] is None:
-                carry["ema"] = put(carry["params"])
-            else:
-                leaves = _unpack_leaves("ema", meta["trees"]["ema"], arrays)
-                carry["ema"] = put(_unflatten_like("ema", meta["trees"]["ema"], leaves,
-                                                   carry["params"], ckpt))
-        saved_key = _unpack_leaves("key", meta["trees"]["key"], arrays)[0]
-        if not np.array_equal(_to_numpy(saved_key), _to_numpy(key)):
-            warnings.warn(f"resuming from {ckpt}: using the checkpoint's key, not the one given",
-                          stacklevel=2)
-        key = saved_key
-        carry.update(step=np.int32(meta["step"]), n_bad=np.int32(meta["n_bad"]),
-                     bad_run=np.int32(meta["bad_run"]))
-        for k, v in meta["history"].items():
-            if isinstance(v, list):
-                history[k] = list(v)
-            elif k in ("compile_s", "step_s"):
-                previous[k] = v
+        carry, key, saved = _resume(ckpt, carry, key, steps=steps, config=config,
+                                    ema_decay=ema_decay, place=place)
+    rec = _Recorder(aux_names, saved)
     start = int(carry["step"])
-    for k in ("step", "n_bad", "bad_run"):
-        carry[k] = jax.device_put(carry[k], where)
-    carry["win"] = jax.device_put(_zero_window(aux_names), where)
-    key_dev = jax.device_put(key, where)
+    carry = _carry_to_device(carry, aux_names, place)
+    key_dev = place.put(key)
 
     step_fn = _make_step(user_loss, tx, has_aux=has_aux, ema_decay=ema_decay, batch_size=batch_size,
                          n_examples=n_examples, aux_names=aux_names,
-                         batch_sharding=batch_sharding, out_sharding=out_sharding)
+                         batch_sharding=place.batch_sharding, out_sharding=place.out_sharding)
 
     # --- the loop
     from tqdm.auto import tqdm
 
-    time0 = history["time"][-1] if history["time"] else 0.0
-    t_start = time.perf_counter()
-    compile_s, step_times = None, []
-
-    def timings():
-        return {"compile_s": compile_s if compile_s is not None else previous.get("compile_s"),
-                "step_s": (statistics.median(step_times) if step_times
-                           else previous.get("step_s", math.nan))}
+    rec.start()
     n_bad = int(carry["n_bad"])
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="fit", unit="step",
                dynamic_ncols=True)
     try:
-        t_mark, n_since, last_bar = t_start, 0, start
+        last_bar = start
         for s in range(start + 1, steps + 1):
             carry = step_fn(carry, data_dev, key_dev, frozen_dev)
-            if s == start + 1:
-                jax.block_until_ready(carry)
-                compile_s = time.perf_counter() - t_start
-                t_mark, n_since = time.perf_counter(), 0
-            else:
-                n_since += 1
+            rec.stepped(carry, first=s == start + 1)
             save = ckpt is not None and (s % checkpoint_every == 0 or s == steps)
             if not (save or s % log_every == 0 or s == steps):
                 continue
             win = jax.device_get(carry["win"])  # waits for the device
-            now = time.perf_counter()
-            if n_since:
-                step_times.append((now - t_mark) / n_since)
-            n_ok = int(win["n"])
-            mean = (lambda v: float(v) / n_ok) if n_ok else (lambda v: math.nan)
-            history["step"].append(s)
-            history["loss"].append(mean(win["loss"]))
-            history["grad_norm"].append(mean(win["grad_norm"]))
-            history["time"].append(time0 + now - t_start)
-            for k in aux_names:
-                history[k].append(mean(win["aux"][k]))
-            n_bad = int(jax.device_get(carry["n_bad"]))
-            history["n_bad"] = n_bad
-            carry["win"] = jax.device_put(_zero_window(aux_names), where)
+            n_bad = rec.record(s, win, carry["n_bad"])
+            carry["win"] = place.put(_zero_window(aux_names))
             bar.update(s - last_bar)
             last_bar = s
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}", bad=n_bad, refresh=False)
+            bar.set_postfix(loss=f"{rec.history['loss'][-1]:.4g}", bad=n_bad, refresh=False)
             too_bad = int(win["worst"]) >= max_bad_steps
             if save or too_bad:
-                history.update(n_bad=n_bad, **timings())
+                rec.stamp(n_bad)
                 if ckpt is not None:
-                    _write_checkpoint(ckpt, carry, key, history, config)
+                    _write_checkpoint(ckpt, carry, key, rec.history, config)
             if too_bad:
-                raise FloatingPointError(
-                    f"{int(win['worst'])} consecutive steps (≥ max_bad_steps = {max_bad_steps}) had a "
-                    f"non-finite loss or gradient norm, by step {s} ({n_bad} skipped in all); their "
-                    "updates were skipped, parameters are the last finite ones"
-                    + (f" (checkpoint in {ckpt.parent})" if ckpt is not None else "")
-                    + ". Lower the learning rate, check the data for NaN/inf, or check loss_fn.")
-            t_mark, n_since = time.perf_counter(), 0
+                raise _too_many_bad_steps(int(win["worst"]), max_bad_steps, s, n_bad, ckpt)
+            rec.restart()
     finally:
         bar.close()
 
-    history.update(n_bad=n_bad, **timings())
+    history = rec.stamp(n_bad)
     state = TrainState(params=carry["params"], opt_state=carry["opt_state"],
                        step=int(jax.device_get(carry["step"])), ema=carry["ema"], n_bad=n_bad,
                        key=key)
