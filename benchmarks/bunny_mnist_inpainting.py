@@ -79,7 +79,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     op = RandomMask(cfg.ratio, cfg.sigma).on(mesh)
     rows, est, std, trained, meas = compare(TASK, cfg, manifold=mesh, prior=prior, op=op, test=test,
                                             val=val, train=train[: cfg.aps_train], gauss=gauss,
-                                            stages=stages)
+                                            fit_set=train, stages=stages)
     if save_sampler is not None:
         trained.save(save_sampler)
         print(f"saved the amortized sampler to {save_sampler}")

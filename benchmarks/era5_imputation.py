@@ -98,7 +98,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     rows, est, std, trained, meas = compare(
         TASK, cfg, manifold=sphere, prior=prior, op=op, test=truth,
         val=glosea4_split("val")[: cfg.n_tune], train=era5_like(cfg.seed + 100, cfg.aps_train),
-        gauss=gauss, stages=stages)
+        gauss=gauss, stages=stages, fit_set=train)
     scale = float(denormalize(1.0) - denormalize(0.0))  # K per normalized unit
     for row in rows:
         n = row["n_eval"]

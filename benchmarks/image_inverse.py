@@ -93,7 +93,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
         print(f"--- {task}")
         r, est, std, trained, meas = compare(task, cfg, manifold=grid, prior=prior, op=op, test=test,
                                              val=val, train=train[: cfg.aps_train], gauss=gauss,
-                                             stages=stages)
+                                             fit_set=train, stages=stages)
         rows.extend(r)
         samplers[name] = trained
         figure(grid, op, test, meas, est, std, out / f"{name}.png", task)
