@@ -49,6 +49,15 @@ def _component_log_prob(x, mean, factor, nugget):
     return -0.5 * (quad + logdet + D * np.log(2 * np.pi))
 
 
+def _joint_log_prob(X, means, factors, nuggets, log_weights):
+    """log w_k + log N(x; μ_k, F_k F_kᵀ + diag d_k) (S, K) and its log-sum-exp over k (S,);
+    X (S, D), one (D,), (D, R), (D,) triple per component (float64 NumPy)."""
+    lp = np.stack([lw + _component_log_prob(X, m, F, d)
+                   for m, F, d, lw in zip(means, factors, nuggets, log_weights)], axis=1)
+    top = lp.max(1, keepdims=True)
+    return lp, top[:, 0] + np.log(np.exp(lp - top).sum(1))
+
+
 def _weighted_fit(x, resp, rank: int, floor: float):
     """Weighted mean and rank-R + diagonal covariance of x (S, D) with weights resp (S,)."""
     n = resp.sum()
@@ -131,10 +140,7 @@ def mixture_fit(samples, *, components: int = 4, rank: int = 32, iters: int = 50
     for it in range(int(iters)):
         fits = [_weighted_fit(X, resp[:, k], int(rank), floor) for k in range(components)]
         w = resp.sum(0) / S
-        logp = np.stack([np.log(w[k]) + _component_log_prob(X, *fits[k]) for k in range(components)],
-                        axis=1)                                       # (S, K)
-        top = logp.max(1, keepdims=True)
-        lse = top[:, 0] + np.log(np.exp(logp - top).sum(1))
+        logp, lse = _joint_log_prob(X, *zip(*fits), np.log(w))       # (S, K), (S,)
         ll = float(lse.mean() / D)
         history.append(ll)
         if progress:
@@ -222,13 +228,11 @@ class MixtureSurrogate:
         x = np.asarray(x, np.float64)
         lead = x.shape[:-2]
         X = x.reshape(-1, x.shape[-2] * x.shape[-1])
-        lw = np.asarray(self.log_weights, np.float64)
-        lp = np.stack([lw[k] + _component_log_prob(
-            X, np.asarray(self.mean[k], np.float64).reshape(-1),
-            np.asarray(self.factor[k], np.float64), np.asarray(self.nugget[k], np.float64).reshape(-1))
-            for k in range(self.n_components)], axis=1)
-        top = lp.max(1, keepdims=True)
-        return (top[:, 0] + np.log(np.exp(lp - top).sum(1))).reshape(lead)
+        K = self.n_components
+        f64 = lambda a: np.asarray(a, np.float64).reshape(K, -1)  # noqa: E731
+        _, lse = _joint_log_prob(X, f64(self.mean), np.asarray(self.factor, np.float64),
+                                 f64(self.nugget), np.asarray(self.log_weights, np.float64))
+        return lse.reshape(lead)
 
 
 def check_mixture_operator(operator: LinearOperator):

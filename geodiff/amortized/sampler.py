@@ -51,7 +51,8 @@ from geodiff.amortized import io as _io
 from geodiff.amortized.mixture import (MixtureSurrogate, check_mixture_operator, mixture_base_params,
                                        mixture_draw, mixture_log_prob, mixture_shared)
 from geodiff.amortized.surrogate import (GaussianSurrogate, base_forward, base_inverse, base_params,
-                                         base_std, dense_posterior, selection_shared, solver_kind)
+                                         base_std, dense_posterior, draw_prior, selection_shared,
+                                         solver_kind)
 from geodiff.diffusion.base import Prior
 from geodiff.diffusion.prior import _flatten, _key, _unflatten
 from geodiff.flows import ConditionalRealNVP
@@ -249,10 +250,8 @@ class AmortizedSampler:
         samples = None
         if surrogate is None:
             if self.centre == "mixture" and mixture is None:   # the mixture needs the samples too
-                n_s = _check_int(surrogate_samples, "surrogate_samples", 2)
-                samples = np.concatenate([np.asarray(prior.sample(k, min(256, n_s - 256 * i)))
-                                          for i, k in enumerate(jax.random.split(
-                                              jax.random.key(seed), -(-n_s // 256)))])
+                samples = draw_prior(jax.random.key(seed), prior,
+                                     _check_int(surrogate_samples, "surrogate_samples", 2))
                 surrogate = GaussianSurrogate.fit(samples, rank=_check_int(surrogate_rank,
                                                                            "surrogate_rank"))
             else:

@@ -71,6 +71,20 @@ def gaussian_fit(samples, *, rank: int = 256, min_nugget: float = 1e-6):
     return mean, factor, nugget
 
 
+def draw_prior(key, prior, n_samples: int, *, batch: int = 256, **sample_kwargs) -> np.ndarray:
+    """``n_samples`` draws of ``prior.sample`` in batches of ``batch``, (n_samples, V, C) NumPy.
+
+    Raises:
+        ValueError: ``n_samples`` not an integer ≥ 2.
+    """
+    if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
+        raise ValueError(f"n_samples must be an integer ≥ 2, got {n_samples!r}")
+    draws = []
+    for i, k in enumerate(jax.random.split(key, -(-n_samples // batch))):
+        draws.append(np.asarray(prior.sample(k, min(batch, n_samples - i * batch), **sample_kwargs)))
+    return np.concatenate(draws)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GaussianSurrogate:
@@ -103,13 +117,7 @@ class GaussianSurrogate:
         whose 1000-step sampler makes thousands of draws slow on a CPU: there a surrogate fitted
         to the prior's own training set is a cheaper stand-in, see :meth:`fit`).
         """
-        if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
-            raise ValueError(f"n_samples must be an integer ≥ 2, got {n_samples!r}")
-        draws = []
-        for i, k in enumerate(jax.random.split(key, -(-n_samples // batch))):
-            m = min(batch, n_samples - i * batch)
-            draws.append(np.asarray(prior.sample(k, m, **sample_kwargs)))
-        return cls.fit(np.concatenate(draws), rank=rank)
+        return cls.fit(draw_prior(key, prior, n_samples, batch=batch, **sample_kwargs), rank=rank)
 
     @property
     def rank(self) -> int:
