@@ -164,7 +164,10 @@ class Stages:
     them. ``enabled=False`` (smoke and quick modes) computes everything every time."""
 
     def __init__(self, name: str, cfg, *, enabled: bool, fresh: bool = False, depends=()):
-        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in APS_FLOW_EXTRA}
+        # ``tasks`` only picks which stages run (every stage name carries its task), so a run of
+        # one task and a later run of all share their stages
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                    if k not in APS_FLOW_EXTRA and k != "tasks"}
         h = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode())
         for path in depends if enabled else ():
             path = Path(path)

@@ -205,9 +205,8 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     if not cfg.tasks or unknown:
         raise ValueError(f"cfg.tasks: expected a non-empty subset of {PARTS}, got {cfg.tasks}")
     out.mkdir(parents=True, exist_ok=True)
-    # each part is keyed by the config (whichever parts run) and its own prior, so the parts can
-    # run in separate invocations (or sessions) and share nothing but the settings
-    keyed = dataclasses.replace(cfg, tasks=PARTS)
+    # each part is keyed by the config (Stages ignores which parts run) and its own prior, so the
+    # parts can run in separate invocations (or sessions) and share nothing but the settings
     parts = {"digits": ("mnist", cfg.mnist_prior, run_digits, digits_figure),
              "blind": ("era5", cfg.era5_prior, run_blind, blind_figure)}
     ran = [p for p in PARTS if p in cfg.tasks]             # in PARTS order
@@ -215,7 +214,7 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
     for part in ran:
         dataset, mode, fn, draw = parts[part]
         prior = train_or_load(dataset, mode, seed=cfg.seed, progress=False, t0=cfg.prior_t0)[0]
-        stages = Stages(f"generalization-{part}", keyed, enabled=mode == "full", fresh=fresh,
+        stages = Stages(f"generalization-{part}", cfg, enabled=mode == "full", fresh=fresh,
                         depends=[prior_path(dataset, mode, cfg.prior_t0)])
         r, manifold, shown, samplers[part] = fn(cfg, prior, stages)
         rows.extend(r)

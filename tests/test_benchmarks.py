@@ -363,6 +363,26 @@ def test_stages_are_keyed_by_the_prior_files(tmp_path, monkeypatch):
         common.Stages("demo", cfg, enabled=True, depends=[tmp_path / "missing.npz"])
 
 
+def test_stages_of_one_task_are_shared_with_a_run_of_all(tmp_path, monkeypatch):
+    """``--tasks`` picks stages, not the run's folder: a full run task by task (one session each)
+    and a later run of every task load the same stages (every stage name carries its task)."""
+    import dataclasses
+
+    common, calls, stage = counting_stage(tmp_path, monkeypatch)
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(common.Settings):
+        tasks: tuple = ("denoise", "deblur")
+
+    one = common.Stages("demo", Config(tasks=("denoise",)), enabled=True)
+    both = common.Stages("demo", Config(), enabled=True)
+    assert one.dir == both.dir
+    one.run("denoise-DPS", stage)
+    both.run("denoise-DPS", stage)
+    assert len(calls) == 1
+    assert common.Stages("demo", Config(seed=1), enabled=True).dir != both.dir
+
+
 def test_flow_variants_share_the_baseline_stages(tmp_path, monkeypatch):
     """A flow setting of APS_FLOW_EXTRA (the condition encoder) keeps the run's folder, so the
     baselines are reused, and tags the APS stages, so a variant never loads another's sampler; at
