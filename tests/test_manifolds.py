@@ -23,6 +23,7 @@ def icosphere(subdivisions=2):
 MANIFOLDS = {
     "grid": lambda: Grid(6, 7, channels=2),
     "latlon": lambda: Sphere.latlon(10, 12),
+    "latlon-cells": lambda: Sphere.latlon(8, 12, poles=False),
     "healpix": lambda: Sphere.healpix(2),
     "mesh": lambda: Mesh.bunny(4),
 }
@@ -189,6 +190,31 @@ def test_sphere_spectrum_is_l_times_l_plus_1(build):
     assert abs(evals[0]) < 1e-8
     np.testing.assert_allclose(evals[1:9], expected[1:9], rtol=0.03)
     np.testing.assert_allclose(evals[9:], expected[9:], rtol=0.05)
+
+
+def test_cell_centred_latlon_grid():
+    """``poles=False`` (WeatherBench2's 64×32): no pole rows, exact cell areas, a closed outward
+    mesh of the grid points alone, and the sphere's spectrum l(l+1) with multiplicity 2l + 1."""
+    s = Sphere.latlon(32, 64, poles=False)
+    assert s.n_vertices == 2048 and s.layout_shape == (32, 64) and not s.poles
+    np.testing.assert_allclose(s.latitude[[0, 1, -1]], [87.1875, 81.5625, -87.1875])
+    np.testing.assert_allclose(s.longitude[[0, 1, -1]], [0, 5.625, 354.375])
+    np.testing.assert_allclose(s.mass.sum(), 4 * np.pi, rtol=1e-12)
+    # the first row's cell reaches the pole: area 2π(1 − sin 84.375°)/64
+    np.testing.assert_allclose(s.mass[0], 2 * np.pi * (1 - np.sin(np.deg2rad(84.375))) / 64,
+                               rtol=1e-12)
+    tm = trimesh.Trimesh(s._mesh_points, s._mesh_faces, process=False)
+    assert len(tm.vertices) == s.n_vertices
+    assert tm.is_watertight and tm.is_winding_consistent and tm.volume > 0.99 * 4 / 3 * np.pi
+    evals, _ = s.eigenpairs(16)
+    expected = np.array([0] + [2] * 3 + [6] * 5 + [12] * 7, dtype=float)
+    assert abs(evals[0]) < 1e-8
+    np.testing.assert_allclose(evals[1:], expected[1:], rtol=0.02)
+    assert repr(s) == "Sphere.latlon(32, 64, poles=False, radius=1)"
+    with pytest.raises(ValueError, match="nlat must be an integer ≥ 2"):
+        Sphere.latlon(1, 8, poles=False)
+    with pytest.raises(TypeError, match="poles must be True or False"):
+        Sphere.latlon(8, 8, poles="no")
 
 
 def test_sphere_radius_scales_mass_and_spectrum():

@@ -25,7 +25,8 @@ def manifold_spec(manifold: Manifold) -> tuple[dict, dict[str, np.ndarray]]:
     if isinstance(manifold, Sphere):
         if manifold.kind == "latlon":
             nlat, nlon = manifold.layout_shape
-            return {"kind": "latlon", "nlat": nlat, "nlon": nlon, "radius": manifold.radius}, {}
+            return {"kind": "latlon", "nlat": nlat, "nlon": nlon, "radius": manifold.radius,
+                    "poles": manifold.poles}, {}
         return {"kind": "healpix", "nside": manifold.nside, "radius": manifold.radius}, {}
     if isinstance(manifold, Mesh):
         return {"kind": "mesh"}, {"mesh_vertices": manifold.vertices, "mesh_faces": manifold.faces}
@@ -40,7 +41,8 @@ def manifold_from_spec(meta: dict, arrays) -> Manifold:
     if kind == "grid":
         return Grid(meta["height"], meta["width"], channels=meta["channels"])
     if kind == "latlon":
-        return Sphere.latlon(meta["nlat"], meta["nlon"], radius=meta["radius"])
+        return Sphere.latlon(meta["nlat"], meta["nlon"], radius=meta["radius"],
+                             poles=bool(meta.get("poles", True)))   # files before 0.4: poles
     if kind == "healpix":
         return Sphere.healpix(meta["nside"], radius=meta["radius"])
     if kind == "mesh":

@@ -43,6 +43,29 @@ def latlon_mesh(nlat: int, nlon: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(faces).astype(np.int64), index
 
 
+def latlon_cell_mesh(nlat: int, nlon: int) -> np.ndarray:
+    """Faces of a cell-centred lat-lon grid (no pole rows; every grid point a mesh vertex).
+
+    Rows 0 … nlat − 1 (nlon each, row-major) are joined by strips; each polar cap is closed by a
+    fan of triangles over its ring (the robust Laplacian's intrinsic Delaunay flips them into
+    good ones), so the mesh is closed with no vertex that is not a grid point.
+
+    Returns:
+        faces (F, 3), outward-oriented.
+    """
+    row = lambda i: i * nlon + np.arange(nlon)  # noqa: E731
+    faces = []
+    for i in range(nlat - 1):
+        a, b = row(i), row(i + 1)
+        a1, b1 = np.roll(a, -1), np.roll(b, -1)
+        faces += [np.stack([a, b, b1], 1), np.stack([a, b1, a1], 1)]
+    k = np.arange(1, nlon - 1)
+    top, bottom = row(0), row(nlat - 1)
+    faces.append(np.stack([np.full(nlon - 2, top[0]), top[k], top[k + 1]], 1))
+    faces.append(np.stack([np.full(nlon - 2, bottom[0]), bottom[k + 1], bottom[k]], 1))
+    return np.concatenate(faces).astype(np.int64)
+
+
 class Sphere(Manifold):
     """A sphere of given radius, discretized by a lat-lon grid or by HEALPix.
 
@@ -51,53 +74,73 @@ class Sphere(Manifold):
     Attributes:
         kind: ``"latlon"`` or ``"healpix"``.
         radius: sphere radius (the mass sums to 4π·radius²).
-        latitude: lat-lon: (nlat,) degrees, 90 → −90; HEALPix: (V,) per pixel.
+        latitude: lat-lon: (nlat,) degrees, north → south; HEALPix: (V,) per pixel.
+        poles: lat-lon: whether the first and last rows lie on the poles (see :meth:`latlon`).
         longitude: lat-lon: (nlon,) degrees, 0 → 360 − 360/nlon; HEALPix: (V,) per pixel.
     """
 
     def __init__(self, *, kind, points, mass, layout_shape, index, mesh_points, mesh_faces,
-                 mesh_mass, radius, latitude, longitude, nside=None):
-        self.kind, self.radius, self.nside = kind, float(radius), nside
+                 mesh_mass, radius, latitude, longitude, nside=None, poles=True):
+        self.kind, self.radius, self.nside, self.poles = kind, float(radius), nside, poles
         self.latitude, self.longitude = latitude, longitude
         self._mesh_points, self._mesh_faces, self._mesh_mass = mesh_points, mesh_faces, mesh_mass
         super().__init__(points, mass, layout_shape, index)
 
     @classmethod
-    def latlon(cls, nlat: int = 46, nlon: int = 90, *, radius: float = 1.0) -> "Sphere":
-        """A regular lat-lon grid in the GASP/ERA5 layout.
+    def latlon(cls, nlat: int = 46, nlon: int = 90, *, poles: bool = True,
+               radius: float = 1.0) -> "Sphere":
+        """A regular (equiangular) lat-lon grid.
 
-        Vertices are all ``nlat·nlon`` grid points, row-major, latitude 90 → −90 (step
-        180/(nlat − 1)), longitude 0 → 360 − 360/nlon. The two pole rows hold ``nlon`` copies of one
-        point each: geometry is built on the deduplicated mesh, every pole copy carries 1/nlon of
-        the pole's mass and a copy of its eigenvector entries. The mass of a vertex is the exact
-        spherical area of its grid cell (half-way to the neighbouring latitudes), so ``mass.sum()``
-        is 4π·radius² exactly.
+        ``poles=True`` (the GASP/ERA5 layout): latitudes 90 → −90 in steps of 180/(nlat − 1), both
+        pole rows included. Each pole row holds ``nlon`` copies of one point: geometry is built
+        on the deduplicated mesh, every pole copy carries 1/nlon of the pole's mass and a copy of
+        its eigenvector entries.
+
+        ``poles=False`` (cell-centred grids such as WeatherBench2's 64×32 and 512×256):
+        latitudes 90 − (i + ½)·180/nlat, i = 0 … nlat − 1, so no row sits on a pole; every grid
+        point is its own mesh vertex and each polar cap is closed by triangles over its ring.
+
+        Either way vertices are all ``nlat·nlon`` grid points, row-major, latitude north → south,
+        longitude 0 → 360 − 360/nlon, and the mass of a vertex is the exact spherical area of its
+        grid cell (half-way to the neighbouring latitudes, up to the pole for the first and last
+        rows), so ``mass.sum()`` is 4π·radius² exactly.
 
         Args:
-            nlat: number of latitudes including both poles, ≥ 3.
+            nlat: number of latitudes: ≥ 3 with poles (both pole rows counted), ≥ 2 without.
             nlon: number of longitudes, ≥ 3.
+            poles: whether the first and last rows lie on the poles.
             radius: sphere radius (> 0).
         """
-        if not isinstance(nlat, (int, np.integer)) or nlat < 3:
-            raise ValueError(f"nlat must be an integer ≥ 3, got {nlat!r}")
+        if not isinstance(poles, (bool, np.bool_)):
+            raise TypeError(f"poles must be True or False, got {poles!r}")
+        least = 3 if poles else 2
+        if not isinstance(nlat, (int, np.integer)) or nlat < least:
+            raise ValueError(f"nlat must be an integer ≥ {least} (poles={bool(poles)}), got {nlat!r}")
         if not isinstance(nlon, (int, np.integer)) or nlon < 3:
             raise ValueError(f"nlon must be an integer ≥ 3, got {nlon!r}")
         if not radius > 0:
             raise ValueError(f"radius must be > 0, got {radius!r}")
-        lat = np.linspace(90.0, -90.0, nlat)
+        if poles:
+            lat = np.linspace(90.0, -90.0, nlat)
+        else:
+            lat = 90.0 - (np.arange(nlat) + 0.5) * 180.0 / nlat
         lon = np.arange(nlon) * 360.0 / nlon
         lat_grid, lon_grid = np.meshgrid(lat, lon, indexing="ij")
         points = _xyz(lat_grid.ravel(), lon_grid.ravel(), radius)
-        faces, index = latlon_mesh(nlat, nlon)
         # Exact cell areas: band between the mid-latitudes, width 2π/nlon.
         edges = np.deg2rad(np.clip(np.concatenate([[90.0], (lat[:-1] + lat[1:]) / 2, [-90.0]]), -90, 90))
         band = 2 * np.pi * radius**2 * (np.sin(edges[:-1]) - np.sin(edges[1:]))  # (nlat,)
         mass = np.repeat(band / nlon, nlon)
-        mesh_mass = np.concatenate([[band[0]], mass[nlon:-nlon], [band[-1]]])
-        mesh_points = np.concatenate([points[:1], points[nlon:-nlon], points[-1:]])
+        if poles:
+            faces, index = latlon_mesh(nlat, nlon)
+            mesh_mass = np.concatenate([[band[0]], mass[nlon:-nlon], [band[-1]]])
+            mesh_points = np.concatenate([points[:1], points[nlon:-nlon], points[-1:]])
+        else:
+            faces, index = latlon_cell_mesh(nlat, nlon), None
+            mesh_mass, mesh_points = mass, points
         return cls(kind="latlon", points=points, mass=mass, layout_shape=(nlat, nlon), index=index,
                    mesh_points=mesh_points, mesh_faces=faces, mesh_mass=mesh_mass, radius=radius,
-                   latitude=lat, longitude=lon)
+                   latitude=lat, longitude=lon, poles=bool(poles))
 
     @classmethod
     def healpix(cls, nside: int, *, radius: float = 1.0) -> "Sphere":
@@ -127,7 +170,9 @@ class Sphere(Manifold):
 
     def __repr__(self) -> str:
         if self.kind == "latlon":
-            return f"Sphere.latlon({self.layout_shape[0]}, {self.layout_shape[1]}, radius={self.radius:g})"
+            poles = "" if self.poles else ", poles=False"
+            return (f"Sphere.latlon({self.layout_shape[0]}, {self.layout_shape[1]}{poles}, "
+                    f"radius={self.radius:g})")
         return f"Sphere.healpix({self.nside}, radius={self.radius:g})"
 
     def _build_mesh_geometry(self):
