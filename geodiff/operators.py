@@ -238,7 +238,94 @@ class Denoise(LinearOperator):
 
 
 @dataclasses.dataclass(frozen=True)
-class RandomMask(LinearOperator):
+class Mask(LinearOperator):
+    """A fixed, data-given mask (imputation of real data with gaps): ``y = x + n`` on the
+    observed vertices; NaN in the data marks a missing vertex. There is no random draw: each field
+    brings its own mask.
+
+    :meth:`observe` turns data with NaN into a measurement as given (no noise added);
+    :meth:`measure` simulates one (noise added on the observed vertices). A vertex is observed
+    when all its channels are finite. Samplers and baselines that take :class:`RandomMask`
+    measurements take these too (same fields: ``params["ratio"]`` is the fraction missing).
+
+    Args:
+        sigma: noise std of the observed values, normalized data units (the instrument and
+            representativeness error assumed by the posterior).
+    """
+
+    def _apply(self, x, params):
+        return x
+
+    def _split(self, x, name: str = "x"):
+        """(y with NaN → 0, mask (..., V, 1), fraction missing (...,)) of data with gaps; traced
+        data (inside jit or eval_shape) skips the value checks."""
+        if isinstance(x, jax.core.Tracer):
+            observed = jnp.all(jnp.isfinite(x), -1, keepdims=True)
+            missing = 1.0 - jnp.mean(observed, axis=(-2, -1))
+            return jnp.where(observed, x, 0.0), observed, missing
+        a = np.asarray(x)
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., V, C) (NaN = missing), got {a.shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"{name} must be a float array (NaN marks missing values), got "
+                            f"dtype {a.dtype}")
+        if np.isinf(a).any():
+            raise ValueError(f"{name} contains infinite values (only NaN marks a missing value)")
+        if self.manifold is not None:
+            V, C = self.manifold.n_vertices, getattr(self.manifold, "channels", None)
+            if a.shape[-2] != V or (C is not None and a.shape[-1] != C):
+                want = f"(..., {V}, {C})" if C is not None else f"(..., {V}, C)"
+                raise ValueError(f"{name} must have shape {want} on {self.manifold!r}, got "
+                                 f"{a.shape}")
+        finite = np.isfinite(a)
+        observed = finite.all(-1, keepdims=True)
+        partial = finite.any(-1, keepdims=True) & ~observed
+        if partial.any():
+            raise ValueError(f"{name} has {int(partial.sum())} vertices with NaN in some channels "
+                             "but not all: a vertex is observed in every channel or in none")
+        n_obs = observed.sum(axis=(-2, -1))
+        if (n_obs == 0).any():
+            raise ValueError(f"{name}: {int((n_obs == 0).sum())} field(s) have no observed value "
+                             "(every vertex NaN)")
+        y = np.where(observed, a, 0.0).astype(a.dtype)
+        missing = 1.0 - n_obs / a.shape[-2]
+        return y, observed, missing
+
+    def observe(self, x) -> Measurement:
+        """The measurement of data ``x`` as given: NaN = missing, nothing added, no random draw.
+
+        Args:
+            x: (..., V, C) float data in normalized units, NaN where missing (in all channels of
+                a vertex).
+
+        Returns:
+            A :class:`Measurement`: ``y`` (..., V, C) with zeros where missing, ``mask``
+            (..., V, 1), ``params["ratio"]`` (...,) the fraction missing.
+
+        Raises:
+            ValueError: a wrong shape, inf, a vertex missing in some channels only, or a field
+                with no observed value. TypeError: non-float data.
+        """
+        y, mask, missing = self._split(x)
+        return Measurement(y=jnp.asarray(y), mask=jnp.asarray(mask),
+                           params={"ratio": jnp.asarray(missing, jnp.float32)})
+
+    def measure(self, key, x) -> Measurement:
+        """Simulate a measurement of clean ``x`` with gaps: N(0, σ²) noise added on the observed
+        vertices (NaN = missing), a new noise draw per field.
+
+        Args:
+            key: a PRNG key.
+            x: (..., V, C) clean float signals in normalized units, NaN where missing.
+        """
+        key = _check_key(key)
+        m = self.observe(x)
+        noise = self.sigma * jax.random.normal(key, m.y.shape, m.y.dtype)
+        return Measurement(y=jnp.where(m.mask, m.y + noise, 0.0), mask=m.mask, params=m.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomMask(Mask):
     """Random vertex masking (inpainting / imputation): a new mask per measurement.
 
     Exactly ``round(ratio·V)`` vertices are missing, chosen uniformly; the mask is shared by all
@@ -273,6 +360,9 @@ class RandomMask(LinearOperator):
         object.__setattr__(self, "manifold", manifold)
         self.__post_init__()
 
+    # simulated measurements draw their mask (Mask.measure reads it from NaN); observe() stays
+    measure = Operator.measure
+
     def _draw(self, key, n_measured):
         k_ratio, k_perm = jax.random.split(key)
         if isinstance(self.ratio, tuple):
@@ -282,9 +372,6 @@ class RandomMask(LinearOperator):
         n_missing = jnp.round(ratio * n_measured).astype(jnp.int32)
         rank = jnp.argsort(jax.random.permutation(k_perm, n_measured))
         return (rank >= n_missing)[:, None], {"ratio": ratio}
-
-    def _apply(self, x, params):
-        return x
 
 
 def _gaussian_matrix_1d(n: int, std_px: float) -> np.ndarray:
@@ -418,5 +505,5 @@ class SuperResolution(LinearOperator):
         return img.mean(axis=(1, 3)).reshape(-1, x.shape[-1])
 
 
-__all__ = ["Blur", "Denoise", "LinearOperator", "Measurement", "Operator", "RandomMask",
+__all__ = ["Blur", "Denoise", "LinearOperator", "Mask", "Measurement", "Operator", "RandomMask",
            "SuperResolution"]

@@ -182,3 +182,103 @@ def test_bad_input_raises_clear_errors(key):
         SuperResolution(2, 0.1).on(g).forward(jnp.zeros((2, 64, 1)), meas)
     with pytest.raises(TypeError, match="Measurement"):
         op.forward(jnp.zeros((64, 1)), {"y": 0})
+
+
+# ------------------------------------------------------------------- Mask (data-given gaps)
+def _gappy(m, n=2, seed=0):
+    """(n, V, 1) float32 fields with NaN on a band of vertices (a different band per field)."""
+    x = np.random.default_rng(seed).normal(size=(n, m.n_vertices, 1)).astype(np.float32)
+    for i in range(n):
+        x[i, 10 * i: 10 * i + m.n_vertices // 3] = np.nan
+    return x
+
+
+def test_mask_observe_reads_the_gaps_from_nan():
+    """NaN = missing, values kept as given (no noise, no draw), ratio = fraction missing."""
+    from geodiff.operators import Mask
+
+    m = Sphere.latlon(8, 10)
+    x = _gappy(m)
+    meas = Mask(0.1).on(m).observe(x)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(np.asarray(meas.mask), ~nan)
+    np.testing.assert_array_equal(np.asarray(meas.y), np.where(nan, 0, x))
+    np.testing.assert_allclose(np.asarray(meas.params["ratio"]), nan.mean(axis=(1, 2)), rtol=1e-6)
+    assert meas.batch_shape == (2,) and Mask(0.1).observe(x[0]).batch_shape == ()
+    # adjointness with a real gap pattern (Aᵀ zero-fills the gaps)
+    v = np.random.default_rng(1).normal(size=x.shape)
+    z = np.nan_to_num(x)
+    np.testing.assert_allclose(float(jnp.sum(Mask(0.1).forward(z, meas) * v)),
+                               float(jnp.sum(z * Mask(0.1).adjoint(v, meas))), rtol=1e-5)
+
+
+def test_mask_measure_adds_noise_on_observed_vertices_only(key):
+    from geodiff.operators import Mask
+
+    m = Mesh.bunny(4)
+    x = _gappy(m, n=400)
+    x[:, :, :] = np.where(np.isnan(x), np.nan, 0.5)
+    meas = Mask(0.2).on(m).measure(key, x)
+    obs = np.asarray(meas.mask)[..., 0]
+    y = np.asarray(meas.y)[..., 0]
+    assert np.all(y[~obs] == 0)
+    assert abs(np.std(y[obs]) - 0.2) < 0.005 and abs(np.mean(y[obs]) - 0.5) < 0.005
+
+
+def test_mask_bad_input_names_the_problem():
+    from geodiff.operators import Mask
+
+    m = Sphere.latlon(8, 10)
+    op = Mask(0.1).on(m)
+    x = _gappy(m)
+    with pytest.raises(ValueError, match="no observed value"):
+        op.observe(np.full((1, m.n_vertices, 1), np.nan, np.float32))
+    with pytest.raises(ValueError, match="infinite"):
+        op.observe(np.where(np.isnan(x), np.inf, x))
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 80, C\)"):
+        op.observe(x[:, :50])
+    with pytest.raises(TypeError, match="float array"):
+        op.observe(np.zeros((m.n_vertices, 1), int))
+    two = np.concatenate([x, x], -1)
+    two[0, 70, 1] = np.nan
+    with pytest.raises(ValueError, match="some channels but not all"):
+        op.observe(two)
+    with pytest.raises(ValueError, match="sigma must be"):
+        Mask(-1.0)
+
+
+def test_mask_measurements_go_where_random_mask_ones_go(x64):
+    """kriging, dps, mcg and a sampler built with RandomMask take Mask measurements, and give
+    what they give for the RandomMask measurement with the same mask and values; a measurement
+    built by hand from (y, mask) alone, without params, is accepted too."""
+    from geodiff import AmortizedSampler, GaussianPrior
+    from geodiff.baselines import dps, kriging, mcg
+    from geodiff.operators import Mask
+
+    s = Sphere.latlon(8, 10)
+    rng = np.random.default_rng(2)
+    U, _ = np.linalg.qr(rng.normal(size=(s.n_vertices, 6)))
+    d = np.linspace(0.5, 0.1, 6)
+    prior = GaussianPrior(s, 0.0, U, d, 0.05)
+    F = U * np.sqrt(d)
+    rand = RandomMask(0.4, 0.1).on(s)
+    x = _gappy(s).astype(np.float64)
+    mask = Mask(0.1).on(s).observe(x)
+    same = Measurement(y=mask.y, mask=mask.mask, params={"ratio": mask.params["ratio"]})
+    bare = Measurement(y=mask.y, mask=mask.mask)
+    kw = dict(mean=0.0, cov_factor=F, nugget=0.05)
+    np.testing.assert_array_equal(np.asarray(kriging(Mask(0.1).on(s), mask, **kw)),
+                                  np.asarray(kriging(rand, same, **kw)))
+    for fn in (dps, mcg):
+        a = fn(jax.random.key(0), prior, Mask(0.1).on(s), mask, steps=5, zeta=0.3)
+        b = fn(jax.random.key(0), prior, rand, same, steps=5, zeta=0.3)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    sampler = AmortizedSampler(s, prior, rand, n_steps=1, hidden=8, n_eig=8)
+    ref = np.asarray(sampler.sample(jax.random.key(3), same, 4))
+    for m in (mask, bare):
+        np.testing.assert_array_equal(np.asarray(sampler.sample(jax.random.key(3), m, 4)), ref)
+    own = AmortizedSampler(s, prior, Mask(0.1), n_steps=1, hidden=8, n_eig=8)
+    np.testing.assert_array_equal(np.asarray(own.sample(jax.random.key(3), mask, 4)), ref)
+    with pytest.raises(ValueError, match="params has entries"):
+        sampler.sample(jax.random.key(3), Measurement(y=mask.y, mask=mask.mask,
+                                                      params={"width": mask.params["ratio"]}), 4)

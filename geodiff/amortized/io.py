@@ -17,7 +17,7 @@ from geodiff import operators
 from geodiff.diffusion import DiffusionPrior, GaussianMixturePrior, GaussianPrior, VPSDE
 from geodiff.manifolds import Manifold
 
-_OPERATORS = ("Denoise", "RandomMask", "Blur", "SuperResolution")
+_OPERATORS = ("Denoise", "Mask", "RandomMask", "Blur", "SuperResolution")
 
 
 def operator_spec(operator) -> dict:

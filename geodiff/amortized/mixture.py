@@ -33,7 +33,7 @@ from scipy.linalg import solve_triangular
 
 from geodiff.amortized.surrogate import (GaussianSurrogate, _sel_apply, _sel_solve,
                                          _selection_one, selection_gram)
-from geodiff.operators import Denoise, LinearOperator, Measurement, RandomMask
+from geodiff.operators import Denoise, LinearOperator, Mask, Measurement
 
 
 def _component_log_prob(x, mean, factor, nugget):
@@ -237,8 +237,8 @@ class MixtureSurrogate:
 
 def check_mixture_operator(operator: LinearOperator):
     """The mixture base needs a selection operator (RandomMask or Denoise)."""
-    if not isinstance(operator, (RandomMask, Denoise)):
-        raise ValueError(f"centre='mixture' needs a selection operator (RandomMask or Denoise), "
+    if not isinstance(operator, (Mask, Denoise)):   # RandomMask is a Mask
+        raise ValueError(f"centre='mixture' needs a selection operator (Mask, RandomMask or Denoise), "
                          f"got {type(operator).__name__}: use centre='surrogate'")
 
 

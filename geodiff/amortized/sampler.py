@@ -117,8 +117,9 @@ class AmortizedSampler:
         prior: a :class:`~geodiff.GaussianPrior`, :class:`~geodiff.GaussianMixturePrior` or
             :class:`~geodiff.DiffusionPrior` on ``manifold`` (C channels).
         operator: a linear operator from :mod:`geodiff.operators` with σ > 0 (bound to
-            ``manifold`` here if it is not bound yet): ``RandomMask`` and ``Denoise`` (exact
-            per-measurement base in O(D R²)), ``Blur`` and ``SuperResolution`` (shared dense base,
+            ``manifold`` here if it is not bound yet): ``Mask``, ``RandomMask`` and ``Denoise``
+            (exact per-measurement base in O(D R²); a sampler built with ``RandomMask`` takes
+            ``Mask`` measurements of real data with gaps too), ``Blur`` and ``SuperResolution`` (shared dense base,
             D ≤ 8192).
         flow: a :class:`~geodiff.ConditionalRealNVP` with ``channels=C`` and
             ``condition_channels=3C + 1`` on ``manifold``; None builds one from ``n_steps``,
@@ -128,7 +129,7 @@ class AmortizedSampler:
             measurement's noise level (Noise2Score: one network evaluation per measurement;
             :class:`~geodiff.operators.Denoise` only). ``"surrogate"``: the surrogate's exact
             posterior mean (kriging). ``"mixture"``: the exact posterior of a Gaussian-*mixture*
-            surrogate (``mixture``; a multimodal base with closed-form weights, RandomMask and
+            surrogate (``mixture``; a multimodal base with closed-form weights, masks and
             Denoise only); the flow then acts on the standardized signal (x − μ)/s after the
             base draw. ``"auto"`` (default): Tweedie for Denoise, else the surrogate.
         temperature: τ > 0, std of the flow's latent z (1: untempered; set by :meth:`calibrate`).
@@ -360,14 +361,24 @@ class AmortizedSampler:
         if len(batch) > 1 or (batched is True and len(batch) != 1) or (batched is False and batch):
             want = "(N, ...)" if batched else "() or (B,)" if batched is None else "()"
             raise ValueError(f"{name} must have batch shape {want}, got {batch}")
-        if jax.tree.structure(measurement) != jax.tree.structure(tpl):
-            raise ValueError(f"{name} has fields {jax.tree.structure(measurement)}, but "
-                             f"{type(self.operator).__name__} makes {jax.tree.structure(tpl)}: was it "
+        # params may be left out (a measurement built by hand from y and mask: nothing here reads
+        # a mask's recorded ratio), but none the operator does not make may be added
+        params = measurement.params if isinstance(measurement.params, dict) else None
+        if params is None or set(params) - set(tpl.params):
+            raise ValueError(f"{name}.params has entries {sorted(params or [])}, but "
+                             f"{type(self.operator).__name__} makes {sorted(tpl.params)}: was it "
                              "taken with another operator?")
-        for a, t in zip(jax.tree.leaves(measurement), jax.tree.leaves(tpl)):
-            if tuple(a.shape[len(batch):]) != tuple(t.shape):
-                raise ValueError(f"{name} has an entry of per-example shape {a.shape[len(batch):]}, "
-                                 f"expected {t.shape} for {type(self.operator).__name__}")
+        pairs = [(measurement.mask, tpl.mask, "mask")] + [
+            (params[k], tpl.params[k], f"params[{k!r}]") for k in params]
+        for a, t, field in pairs:
+            if jax.tree.structure(a) != jax.tree.structure(t):
+                raise ValueError(f"{name}.{field} has structure {jax.tree.structure(a)}, expected "
+                                 f"{jax.tree.structure(t)}: was it taken with another operator?")
+            for a_, t_ in zip(jax.tree.leaves(a), jax.tree.leaves(t)):
+                if tuple(a_.shape[len(batch):]) != tuple(t_.shape):
+                    raise ValueError(f"{name}.{field} has per-example shape "
+                                     f"{a_.shape[len(batch):]}, expected {t_.shape} for "
+                                     f"{type(self.operator).__name__}")
         if not isinstance(y, jax.core.Tracer):
             if not bool(jnp.all(jnp.isfinite(y))):
                 raise ValueError(f"{name}.y contains NaN or infinite values")

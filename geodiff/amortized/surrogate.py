@@ -8,7 +8,8 @@ exact square root of the surrogate posterior covariance (log-determinant in clos
 
 Two exact solvers, chosen by the operator:
 
-* **selection** (:class:`~geodiff.operators.RandomMask`, :class:`~geodiff.operators.Denoise`):
+* **selection** (:class:`~geodiff.operators.Mask`, :class:`~geodiff.operators.RandomMask`,
+  :class:`~geodiff.operators.Denoise`):
   A selects entries, so with ``w = mask/σ²`` the posterior covariance is
   ``Σ = diag(r)·(I + Z Zᵀ)·diag(r)`` with ``r = √(d/(1+d w))``, ``Z = diag(a) F K^{-1/2}``,
   ``a = 1/√(d(1+d w))`` and ``K = I + Fᵀ diag(w/(1+d w)) F`` (two Woodbury steps; any
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geodiff.operators import Blur, Denoise, LinearOperator, Measurement, RandomMask, SuperResolution
+from geodiff.operators import Blur, Denoise, LinearOperator, Mask, Measurement, SuperResolution
 
 #: Largest D = V·C for the dense solver (a D × D Cholesky factor is kept in memory).
 MAX_DENSE_D = 8192
@@ -131,12 +132,12 @@ class GaussianSurrogate:
 
 def solver_kind(operator) -> str:
     """'selection' or 'dense': which exact surrogate-posterior solver ``operator`` needs."""
-    if isinstance(operator, (Denoise, RandomMask)):
+    if isinstance(operator, (Denoise, Mask)):   # RandomMask is a Mask
         return "selection"
     if isinstance(operator, (Blur, SuperResolution)):
         return "dense"
-    raise TypeError(f"operator: the Gaussian-surrogate base supports RandomMask, Denoise, Blur and "
-                    f"SuperResolution, got {type(operator).__name__}")
+    raise TypeError(f"operator: the Gaussian-surrogate base supports Mask, RandomMask, Denoise, "
+                    f"Blur and SuperResolution, got {type(operator).__name__}")
 
 
 # ----------------------------------------------------------------------- selection operators

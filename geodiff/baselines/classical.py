@@ -15,12 +15,12 @@ import numpy as np
 import scipy.sparse.linalg as spla
 
 from geodiff.manifolds import Manifold
-from geodiff.operators import Denoise, LinearOperator, Measurement, RandomMask
+from geodiff.operators import Denoise, LinearOperator, Mask, Measurement
 
 
 def _selection(operator) -> bool:
     """True when A is a selection of entries (A Aᵀ diagonal), so Woodbury applies directly."""
-    return isinstance(operator, (Denoise, RandomMask))
+    return isinstance(operator, (Denoise, Mask))
 
 
 def kriging(operator: LinearOperator, measurement: Measurement, *, mean, cov_factor, nugget=0.0):
@@ -119,8 +119,8 @@ def harmonic(manifold: Manifold, operator, measurement: Measurement):
 
     Args:
         manifold: the manifold of the signal.
-        operator: a masking operator (:class:`~geodiff.operators.RandomMask` or
-            :class:`~geodiff.operators.Denoise`).
+        operator: a masking operator (:class:`~geodiff.operators.Mask`,
+            :class:`~geodiff.operators.RandomMask` or :class:`~geodiff.operators.Denoise`).
         measurement: ``y`` and ``mask`` (..., V, C) / (..., V, 1).
 
     Returns:
@@ -130,7 +130,7 @@ def harmonic(manifold: Manifold, operator, measurement: Measurement):
         ValueError: a non-masking operator, a size mismatch, or a measurement with nothing observed.
     """
     if not _selection(operator):
-        raise ValueError(f"harmonic interpolation needs a masking operator (RandomMask or Denoise), "
+        raise ValueError(f"harmonic interpolation needs a masking operator (Mask, RandomMask or Denoise), "
                          f"got {type(operator).__name__}")
     y = np.asarray(measurement.y, dtype=np.float64)
     mask = np.asarray(measurement.mask)

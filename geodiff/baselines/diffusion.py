@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geodiff.diffusion.base import Prior
-from geodiff.operators import Denoise, Measurement, Operator, RandomMask
+from geodiff.operators import Denoise, Mask, Measurement, Operator
 
 
 def _check(prior, operator, measurement, *, n=1, steps=1, zeta=1.0):
@@ -134,13 +134,14 @@ def mcg(key, prior: Prior, operator: Operator, measurement: Measurement, *, n: i
     entries are replaced by the measurement noised to the next level, α_{t'} y + σ_{t'} ε. The
     returned samples equal y on observed entries.
 
-    Args: as :func:`dps` (``operator`` must be a :class:`~geodiff.operators.RandomMask`).
+    Args: as :func:`dps` (``operator`` must be a :class:`~geodiff.operators.Mask` or
+        :class:`~geodiff.operators.RandomMask`).
 
     Returns:
         (n, V, C) or (n, ..., V, C).
     """
-    if not isinstance(operator, RandomMask):
-        raise ValueError(f"mcg needs a masking operator (RandomMask), got {type(operator).__name__}")
+    if not isinstance(operator, Mask):   # RandomMask is a Mask
+        raise ValueError(f"mcg needs a masking operator (Mask or RandomMask), got {type(operator).__name__}")
     operator = _check(prior, operator, measurement, n=n, steps=steps, zeta=zeta)
     return _sample(key, prior, operator, measurement, n, steps, zeta, grid, mcg=True)
 

@@ -37,7 +37,7 @@ import numpy as np
 from geodiff.diffusion.base import Prior, check_time
 from geodiff.diffusion.sde import VPSDE
 from geodiff.manifolds import Manifold
-from geodiff.operators import Denoise, LinearOperator, Measurement, RandomMask
+from geodiff.operators import Denoise, LinearOperator, Mask, Measurement
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -199,8 +199,8 @@ def _draw(key, mu, U, d, nu, n: int, noise_shape: tuple = (0,)):
 
 
 def _is_selection(operator) -> bool:
-    """True when A selects entries (Denoise, RandomMask), so the Woodbury kernel applies."""
-    return isinstance(operator, (Denoise, RandomMask))
+    """True when A selects entries (Denoise, Mask, RandomMask), so the Woodbury kernel applies."""
+    return isinstance(operator, (Denoise, Mask))
 
 
 # ---------------------------------------------------------------------------- priors
