@@ -2,7 +2,7 @@
 
 The public surface. Sub-modules: ``geodiff.manifolds``, ``geodiff.operators``, ``geodiff.diffusion``,
 ``geodiff.flows``, ``geodiff.amortized``, ``geodiff.train``, ``geodiff.baselines``,
-``geodiff.metrics``, ``geodiff.data``, ``geodiff.plot``. Each is also an attribute of the
+``geodiff.metrics``, ``geodiff.data``, ``geodiff.io``, ``geodiff.plot``. Each is also an attribute of the
 package (``import geodiff as gd; gd.baselines.dps``), imported on first access, so
 ``import geodiff`` stays as fast as the top-level names allow (matplotlib and the data sets load
 only when used).
@@ -25,8 +25,8 @@ __all__ = ["AmortizedSampler", "ConditionalRealNVP", "DiffusionPrior", "Gaussian
 
 # Sub-modules reachable as attributes of the package (PEP 562), imported on first access. A new
 # public sub-module is one more name here.
-_SUBMODULES = frozenset({"amortized", "baselines", "data", "diffusion", "flows", "manifolds",
-                         "metrics", "operators", "plot", "train"})
+_SUBMODULES = frozenset({"amortized", "baselines", "data", "diffusion", "flows", "io",
+                         "manifolds", "metrics", "operators", "plot", "train"})
 
 
 def __getattr__(name: str):

@@ -45,12 +45,22 @@ def atomic_savez(path: str | os.PathLike, **arrays) -> None:
 
     A reader never sees a half-written file, even if the writer is killed.
     """
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write a file atomically: ``write(tmp)`` fills a temporary file (its path, a ``str``) in
+    the same folder, which then replaces ``path`` (``os.replace``). On any error nothing is left
+    behind and a previous file at ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        os.close(fd)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file permissions
