@@ -112,6 +112,10 @@ def _read_xarray(obj, var, source):
         fields = [str(v) for v in obj.data_vars
                   if _pick(LAT_NAMES, obj[v].dims, "latitude") and _pick(LON_NAMES, obj[v].dims, "longitude")]
         if var is None:
+            if not fields:
+                dims = {str(v): obj[v].dims for v in obj.data_vars}
+                raise ValueError(f"the data is not on a lat-lon grid: no variable has one of "
+                                 f"{LAT_NAMES} and one of {LON_NAMES} as dimensions ({dims})")
             if len(fields) != 1:
                 raise ValueError(f"var: the data has {len(fields)} variables on a lat-lon grid "
                                  f"{fields}; pass var= to choose one")

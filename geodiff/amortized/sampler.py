@@ -54,7 +54,7 @@ from geodiff.amortized.surrogate import (GaussianSurrogate, base_forward, base_i
                                          base_std, dense_posterior, draw_prior, selection_shared,
                                          solver_kind)
 from geodiff.diffusion.base import Prior
-from geodiff.diffusion.prior import _flatten, _key, _unflatten
+from geodiff.diffusion.prior import _flatten, _key, _unflatten, _version
 from geodiff.flows import ConditionalRealNVP
 from geodiff.manifolds import Manifold
 from geodiff.manifolds.spec import manifold_from_spec, manifold_spec
@@ -894,7 +894,7 @@ class AmortizedSampler:
                 "centre": self.centre, "temperature": self.temperature,
                 "calibration": getattr(self, "calibration", None),
                 "n_t": self.n_t, "antithetic": self.antithetic, "prior_weight": self.prior_weight,
-                "flow": self.flow_config}
+                "flow": self.flow_config, "geodiff_version": _version()}
         arrays = {"meta": _io.dumps(meta), **spec_arrays, **parrays, **flat,
                   "surrogate/mean": np.asarray(self.surrogate.mean),
                   "surrogate/factor": np.asarray(self.surrogate.factor),

@@ -58,6 +58,11 @@ class NetConfig:
     min_std: float = 1e-3
 
 
+def _version() -> str:
+    from geodiff import __version__
+    return __version__
+
+
 def _features(manifold: Manifold, cfg: NetConfig, mean, std, extra):
     """(V, F) fixed per-vertex inputs: eigenvector features, standardized data mean and log std."""
     pos = manifold.laplacian_features(cfg.n_pos) if cfg.n_pos > 0 else np.zeros((manifold.n_vertices, 0))
@@ -91,6 +96,9 @@ class DiffusionPrior(Prior):
                  extra_features=None, channels: int = 1, sde: VPSDE | None = None):
         super().__init__(manifold, channels=channels, sde=sde)
         self.config = config
+        # what the normalized units mean (set by whoever normalized the data, e.g. the command
+        # line: name, units, offset, scale with data = offset + scale·x); saved with the prior
+        self.data_info: dict | None = None
         self.data_mean = jnp.asarray(data_mean, jnp.float32)
         self.data_std = jnp.asarray(data_std, jnp.float32)
         self.extra_features = None if extra_features is None else np.asarray(extra_features, np.float32)
@@ -219,7 +227,8 @@ class DiffusionPrior(Prior):
 
     # ------------------------------------------------------------------------ save/load
     def save(self, path) -> Path:
-        """Write the prior to one ``.npz`` file, atomically (config, statistics, parameters)."""
+        """Write the prior to one ``.npz`` file, atomically (config, statistics, parameters,
+        :attr:`data_info` and the geodiff version)."""
         path = Path(path)
         flat = {f"param/{'/'.join(map(str, k))}": np.asarray(v)
                 for k, v in _flatten(nnx.to_pure_dict(self.params)).items()}
@@ -227,7 +236,8 @@ class DiffusionPrior(Prior):
         meta = {"format": FORMAT_VERSION, "class": "DiffusionPrior", "config": dataclasses.asdict(self.config),
                 "channels": self.channels, "sde": dataclasses.asdict(self.sde),
                 "manifold": repr(self.manifold), "manifold_spec": spec,
-                "n_vertices": self.manifold.n_vertices}
+                "n_vertices": self.manifold.n_vertices, "data_info": self.data_info,
+                "geodiff_version": _version()}
         arrays = {"meta": np.array(json.dumps(meta)), "data_mean": np.asarray(self.data_mean),
                   "data_std": np.asarray(self.data_std), **spec_arrays, **flat}
         if self.extra_features is not None:
@@ -270,6 +280,7 @@ class DiffusionPrior(Prior):
         if set(_flatten(pure)) != set(params_flat):
             raise ValueError(f"path: parameters in {str(path)!r} do not match the network config")
         nnx.replace_by_pure_dict(prior.params, _unflatten(params_flat))
+        prior.data_info = meta.get("data_info")          # files before 0.4: None
         return prior
 
 

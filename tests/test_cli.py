@@ -1,0 +1,141 @@
+"""The ``geodiff`` console script end to end (subprocesses, as a user runs it) and its errors."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from geodiff.cli import main
+
+NLAT, NLON = 12, 24                                   # a cell-centred 15° grid
+
+
+def _fields(n, seed):
+    """Smooth temperature-like fields in K: a zonal profile plus random l = 1 modes and noise."""
+    r = np.random.default_rng(seed)
+    lat = np.deg2rad(90 - (np.arange(NLAT) + 0.5) * 180 / NLAT)[:, None]
+    lon = np.deg2rad(np.arange(NLON) * 360 / NLON)[None]
+    a = r.normal(size=(n, 3, 1, 1))
+    l1 = a[:, 0] * np.cos(lon) * np.cos(lat) + a[:, 1] * np.sin(lon) * np.cos(lat) + a[:, 2] * np.sin(lat)
+    return 250 + 40 * np.cos(lat) + 5 * l1 + r.normal(0, 0.3, (n, NLAT, NLON))
+
+
+def _save(values, path, start, *, lat=None):
+    lat = 90 - (np.arange(NLAT) + 0.5) * 180 / NLAT if lat is None else lat
+    time = pd.date_range(start, periods=len(values), freq="D")
+    xr.Dataset({"tas": (("time", "lat", "lon"), values,
+                        {"units": "K", "standard_name": "air_temperature"})},
+               coords={"time": time, "lat": lat, "lon": np.arange(values.shape[2]) * 360 / values.shape[2]}
+               ).to_netcdf(path)
+    return path
+
+
+def _geodiff(*args, cwd):
+    exe = Path(sys.executable).with_name("geodiff")
+    cmd = [str(exe)] if exe.exists() else [shutil.which("geodiff") or "geodiff"]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """train-prior → fit → impute → plot on a 12×24 netCDF with two gappy time steps."""
+    d = tmp_path_factory.mktemp("cli")
+    _save(_fields(48, 1), d / "train.nc", "2000-01-01")
+    gappy = _fields(2, 2)
+    gappy[0, 2:7, 3:12] = np.nan                      # a block
+    gappy[1, :, 10:14] = np.nan                       # a swath from pole to pole
+    _save(gappy, d / "gappy.nc", "2011-08-01")
+    steps = [("train-prior", "train.nc", "--out", "prior.npz", "--steps", 10, "--batch", 16,
+              "--width", 8, "--blocks", 1, "--n-eig", 8, "--quiet"),
+             ("fit", "gappy.nc", "--prior", "prior.npz", "--signals", "train.nc", "--out",
+              "sampler.npz", "--steps", 2, "--rank", 8, "--couplings", 1, "--hidden", 16,
+              "--calib-samples", 16, "--quiet"),
+             ("impute", "gappy.nc", "--sampler", "sampler.npz", "--out", "post.nc",
+              "--samples", 16, "--quantiles", 0.05, 0.95),
+             ("plot", "post.nc", "--out", "map.png")]
+    for args in steps:
+        res = _geodiff(*args, cwd=d)
+        assert res.returncode == 0, f"geodiff {args[0]} failed:\n{res.stderr[-3000:]}"
+    return d, gappy
+
+
+def test_cli_end_to_end_matches_the_python_api(run):
+    """The file's mean is the Python API's mean on the same inputs; observed cells stay close to
+    the data; time stamps and units survive; plain xarray opens the file; the map is drawn."""
+    import jax
+
+    from geodiff import AmortizedSampler
+    from geodiff.io import read_field
+    from geodiff.operators import Mask
+
+    d, gappy = run
+    sampler = AmortizedSampler.load(d / "sampler.npz")
+    info = sampler.prior.data_info
+    assert info["units"] == "K" and info["name"] == "tas"
+    sphere, x, _ = read_field(d / "gappy.nc")
+    meas = Mask(sampler.operator.sigma).on(sphere).observe((x - info["offset"]) / info["scale"])
+    draws = np.asarray(sampler.sample(jax.random.key(0), meas, 16), np.float64)
+    api_mean = (info["offset"] + info["scale"] * draws).mean(0)
+    with xr.open_dataset(d / "post.nc") as post:
+        mean = sphere.from_layout(post["tas_mean"].values[..., None])
+        # float32 draws: the same program, but XLA may sum in another order in another process
+        np.testing.assert_allclose(mean, api_mean, rtol=1e-5)
+        assert list(post.time.values) == list(pd.date_range("2011-08-01", periods=2, freq="D"))
+        assert post["tas_mean"].attrs["units"] == "K"
+        assert post["tas_quantile"].sizes["quantile"] == 2
+        assert post.attrs["Conventions"] == "CF-1.8"
+    observed = ~np.isnan(x)
+    sigma_k = sampler.operator.sigma * info["scale"]
+    assert np.abs(mean - x)[observed].max() < 3 * sigma_k
+    assert (d / "map.png").stat().st_size > 10_000
+
+
+def _fails(capsys, argv, match, out):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+    assert not Path(out).exists()
+
+
+def test_cli_bad_input_one_line_error_no_output(run, capsys, tmp_path):
+    d, _ = run
+    out = tmp_path / "post.nc"
+    common = ["--sampler", d / "sampler.npz", "--out", out]
+    _fails(capsys, ["impute", d / "gappy.nc", "--var", "pr", *common], "var: 'pr' is not in the data", out)
+    xr.Dataset({"tas": (("y", "x"), np.zeros((4, 5)))}).to_netcdf(tmp_path / "plane.nc")
+    _fails(capsys, ["impute", tmp_path / "plane.nc", *common], "not on a lat-lon grid", out)
+    empty = _fields(1, 3)
+    empty[:] = np.nan
+    _save(empty, tmp_path / "empty.nc", "2012-01-01")
+    _fails(capsys, ["impute", tmp_path / "empty.nc", *common], "no observed value", out)
+    other = np.full((1, 7, 12), 280.0)
+    _save(other, tmp_path / "other.nc", "2012-01-01", lat=np.linspace(90, -90, 7))
+    _fails(capsys, ["impute", tmp_path / "other.nc", *common], "the sampler was trained on", out)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    _fails(capsys, ["impute", d / "gappy.nc", "--sampler", d / "sampler.npz", "--out",
+                    blocked / "post.nc"], "does not exist", blocked / "post.nc")
+    _fails(capsys, ["impute", d / "gappy.nc", "--sampler", tmp_path / "none.npz", "--out", out],
+           "no such file", out)
+    _fails(capsys, ["fit", d / "gappy.nc", "--prior", d / "post.nc", "--out", tmp_path / "s.npz"],
+           "not a saved geodiff prior", tmp_path / "s.npz")
+    _fails(capsys, ["train-prior", d / "gappy.nc", "--out", tmp_path / "p.npz"],
+           "have missing values", tmp_path / "p.npz")
+
+
+def test_cli_error_exit_code_in_a_subprocess(run, tmp_path):
+    """The console script itself: one line on stderr, exit code 1."""
+    d, _ = run
+    res = _geodiff("impute", "gappy.nc", "--sampler", "sampler.npz", "--var", "pr", "--out",
+                   tmp_path / "x.nc", cwd=d)
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
+    assert res.stderr.startswith("geodiff impute: error: var: 'pr'")
+    assert not (tmp_path / "x.nc").exists()
