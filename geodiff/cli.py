@@ -73,7 +73,7 @@ def _load_prior(spec: str):
             return DiffusionPrior.load(path)
         except (ValueError, KeyError, OSError) as e:
             raise CliError(f"--prior {spec!r}: not a saved geodiff prior ({e})") from None
-    names = getattr(DiffusionPrior, "PRETRAINED", ())
+    names = DiffusionPrior.pretrained_names()
     if spec in names:
         return DiffusionPrior.pretrained(spec)
     raise CliError(f"--prior {spec!r}: no such file" + (f", nor a shipped prior ({', '.join(names)})"
@@ -121,9 +121,9 @@ def fit(args) -> None:
     from geodiff.operators import Mask, RandomMask
 
     out = _check_output(args.out, (".npz",))
+    manifold, x, meta = _read(args.data, args.var)           # the cheap checks first
     prior = _load_prior(args.prior)
     info = _info(prior, f"--prior {args.prior!r}")
-    manifold, x, meta = _read(args.data, args.var)
     _same_grid(manifold, prior.manifold, args.data, "prior")
     xn = (x - info["offset"]) / info["scale"]
     if args.sigma is None:
@@ -177,6 +177,7 @@ def impute(args) -> None:
         raise CliError(f"--samples must be ≥ 2, got {args.samples}")
     if not all(0 < q < 1 for q in args.quantiles):
         raise CliError(f"--quantiles must lie in (0, 1), got {args.quantiles}")
+    manifold, x, meta = _read(args.data, args.var)           # the cheap checks first
     try:
         sampler = AmortizedSampler.load(args.sampler)
     except FileNotFoundError:
@@ -184,7 +185,6 @@ def impute(args) -> None:
     except (ValueError, KeyError, OSError) as e:
         raise CliError(f"--sampler {args.sampler!r}: not a saved geodiff sampler ({e})") from None
     info = _info(sampler.prior, f"--sampler {args.sampler!r}")
-    manifold, x, meta = _read(args.data, args.var)
     _same_grid(manifold, sampler.manifold, args.data, "sampler")
     meas = Mask(sampler.operator.sigma).on(manifold).observe((x - info["offset"]) / info["scale"])
     draws = posterior_samples(sampler, meas, args.samples, seed=args.seed)
@@ -219,7 +219,12 @@ def plot(args) -> None:
 
         mesh, mean, _ = read_field(path, var="mean")
         _, std, _ = read_field(path, var="std")
-        mesh_render(mesh, {"posterior mean": mean[0], "posterior std": std[0]}, out)
+        panels = {"posterior mean": mean[0], "posterior std": std[0]}
+        if args.data is not None:
+            grid, x, _ = read_field(args.data)
+            _same_grid(grid, mesh, args.data, "posterior")
+            panels = {"data (grey: missing)": x[0], **panels}
+        mesh_render(mesh, panels, out)
         print(f"wrote {out}", file=sys.stderr)
         return
     from geodiff.plot import globe
@@ -245,6 +250,12 @@ def plot(args) -> None:
             sphere, x, _ = read_field(da.load())
             panels[f"posterior {kind}"] = x[0]
         units = ds[f"{base}_mean"].attrs.get("units", "")
+    if args.data is not None:
+        grid, x, _ = read_field(args.data, var=base)
+        _same_grid(grid, sphere, args.data, "posterior")
+        if not 0 <= args.time < len(x):
+            raise CliError(f"--time {args.time}: {args.data} has {len(x)} fields")
+        panels = {"data (grey: missing)": x[args.time], **panels}
     globe(sphere, panels, out, units=units, suptitle=f"{base}: posterior of {path.name}")
     print(f"wrote {out}", file=sys.stderr)
 
@@ -284,7 +295,8 @@ def parser() -> argparse.ArgumentParser:
                        epilog="example:\n  geodiff fit tas_gappy.nc --prior prior.npz "
                               "--out sampler.npz --sigma 0.5")
     f.add_argument("data", help="netCDF/zarr file or PLY mesh with gaps (NaN)")
-    f.add_argument("--prior", required=True, help="a prior file from train-prior")
+    f.add_argument("--prior", required=True,
+                   help="a prior file from train-prior, or the name of a shipped prior")
     f.add_argument("--out", required=True, help="the sampler file to write (.npz)")
     f.add_argument("--var")
     f.add_argument("--sigma", type=float, default=None,
@@ -326,10 +338,12 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("plot", formatter_class=fmt, help="map of a posterior file",
                        description="Globe map (lat-lon) or 3-D render (mesh) of the posterior "
                                    "mean and std.",
-                       epilog="example:\n  geodiff plot posterior.nc --out map.png --time 0")
+                       epilog="example:\n  geodiff plot posterior.nc --out map.png --time 0 "
+                              "--data tas_gappy.nc")
     g.add_argument("posterior", help="a posterior file from impute (.nc or .ply)")
     g.add_argument("--out", required=True, help="the image to write (.png)")
     g.add_argument("--time", type=int, default=0, help="time step to draw (default 0)")
+    g.add_argument("--data", help="the gappy input file, drawn beside the posterior")
     g.set_defaults(run=plot)
     return p
 

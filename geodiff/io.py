@@ -27,7 +27,8 @@ from geodiff.manifolds import Manifold, Mesh, Sphere
 
 LAT_NAMES = ("lat", "latitude")
 LON_NAMES = ("lon", "longitude")
-TIME_NAMES = ("time", "valid_time")
+#: Names of the leading field dimension (time steps, or members of an ensemble of fields).
+TIME_NAMES = ("time", "valid_time", "sample", "realization", "member")
 #: PLY vertex properties that are geometry or appearance, never a field.
 _PLY_GEOMETRY = {"x", "y", "z", "nx", "ny", "nz", "red", "green", "blue", "alpha", "s", "t",
                  "u", "v", "texture_u", "texture_v"}
@@ -42,8 +43,9 @@ def read_field(source, *, var: str | None = None):
     ``latitude``/``longitude`` in either order; latitude ascending or descending; longitude in
     [0, 360) or [−180, 180). The grid must be equiangular with ``nlon`` longitudes from 0°: with
     pole rows (90 … −90, :meth:`Sphere.latlon`) or cell-centred (90 − (i + ½)·180/nlat,
-    ``Sphere.latlon(..., poles=False)``). An optional ``time`` (or ``valid_time``) dimension is
-    kept; any other dimension is an error (select it first, e.g. ``ds.sel(level=500)``).
+    ``Sphere.latlon(..., poles=False)``). An optional field dimension (``time``,
+    ``valid_time``, ``sample``, ``realization`` or ``member``) is kept; any other dimension is an
+    error (select it first, e.g. ``ds.sel(level=500)``).
 
     Mesh data: a PLY file whose vertices carry a scalar property (NaN = missing); the mesh is
     read as stored (vertex order kept).
@@ -57,7 +59,8 @@ def read_field(source, *, var: str | None = None):
         x (T, V, 1) float64 in the data's units, NaN where missing, in the manifold's vertex
         layout (lat-lon: north → south, longitude 0 → 360); meta a dict with ``name``,
         ``units`` (None if the data has none), ``attrs`` (the variable's attributes), ``time``
-        (the time coordinate as a 1-D xarray.DataArray, or None), ``kind`` (``"latlon"`` or
+        (the field dimension's coordinate, e.g. the time stamps, as a 1-D xarray.DataArray
+        named like the dimension, or None), ``kind`` (``"latlon"`` or
         ``"mesh"``), ``lat_name``/``lon_name`` (lat-lon) and ``source``.
 
     Raises:
@@ -133,7 +136,7 @@ def _read_xarray(obj, var, source):
     if lat_name is None or lon_name is None:
         raise ValueError(f"{da.name!r} is not on a lat-lon grid: its dims are {da.dims}, expected "
                          f"one of {LAT_NAMES} and one of {LON_NAMES}")
-    time_name = _pick(TIME_NAMES, da.dims, "time")
+    time_name = _pick(TIME_NAMES, da.dims, "field (time or member)")
     other = [d for d in da.dims if d not in (lat_name, lon_name, time_name)]
     if other:
         raise ValueError(f"{da.name!r} has dimensions {other} besides time, latitude and "
@@ -153,11 +156,16 @@ def _read_xarray(obj, var, source):
     if not np.allclose(np.sort(lon), np.arange(nlon) * 360.0 / nlon, atol=1e-4):
         raise ValueError(f"{da.name!r}: its {nlon} longitudes are not equally spaced from 0° "
                          f"(0, {360 / nlon:g}, …); regrid or roll first")
+    if time_name and time_name not in da.coords:
+        da = da.assign_coords({time_name: np.arange(da.sizes[time_name])})
     time = da[time_name].copy() if time_name else None
     ren = {lat_name: "latitude", lon_name: "longitude"} | ({time_name: "sample"} if time_name else {})
     plain = da.reset_coords(drop=True).rename(ren)
-    plain = plain.assign_coords(latitude=plain["latitude"].values.astype(float),
-                                longitude=plain["longitude"].values.astype(float))
+    # snap the file's coordinates (often float32) to the grid's exact ones, matched above to 1e-4°
+    snap = lambda v, exact: exact[np.abs(np.mod(v[:, None] - exact[None] + 180, 360) - 180  # noqa: E731
+                                         ).argmin(1)]
+    plain = plain.assign_coords(latitude=snap(lat, sphere.latitude),
+                                longitude=snap(lon, sphere.longitude))
     x = sphere.from_xarray(plain)
     x = x[None] if x.ndim == 2 else x
     _check_values(x, str(da.name))
@@ -212,8 +220,9 @@ def write_posterior(path, manifold: Manifold, samples, *, meta: dict | None = No
     """Write posterior samples as their mean, std and quantiles (and optionally themselves).
 
     Lat-lon spheres get a CF netCDF file: variables ``<name>_mean``, ``<name>_std``,
-    ``<name>_quantile`` (dims ``quantile, time, lat, lon``) and with ``keep_samples``
-    ``<name>_samples`` (``realization, time, lat, lon``), each with the input's ``units`` and
+    ``<name>_quantile`` (dims ``quantile, time, lat, lon``; the input's names for the field and
+    coordinate dimensions) and with ``keep_samples`` ``<name>_samples`` (``realization, time,
+    lat, lon``), each with the input's ``units`` and
     ``standard_name`` and a ``cell_methods`` saying what was done over the samples
     (``"realization: mean"`` …); the input's time stamps and coordinate names; global
     ``Conventions = "CF-1.8"`` and ``history``. Meshes get a PLY file whose vertices carry
@@ -282,14 +291,15 @@ def _posterior_dataset(sphere, mean, std, quant, q, samples, meta, history):
     time = meta.get("time")
     if time is not None and len(time) != T:
         raise ValueError(f"meta: its time coordinate has {len(time)} steps, the samples {T}")
+    tname = str(time.name) if time is not None and time.name else "time"
     layout = lambda a: sphere.to_layout(a)[..., 0]   # noqa: E731  (..., V, 1) → (..., nlat, nlon)
-    dims = ["time", lat_name, lon_name]
+    dims = [tname, lat_name, lon_name]
     coords = {lat_name: (lat_name, sphere.latitude, {"units": "degrees_north",
                                                      "standard_name": "latitude", "axis": "Y"}),
               lon_name: (lon_name, sphere.longitude, {"units": "degrees_east",
                                                       "standard_name": "longitude", "axis": "X"})}
     if time is not None:
-        coords["time"] = ("time", np.asarray(time.values), dict(time.attrs))
+        coords[tname] = (tname, np.asarray(time.values), dict(time.attrs))
     base = {k: v for k, v in (meta.get("attrs") or {}).items()
             if k in ("standard_name", "long_name", "units")}
     if meta.get("units") is not None:
@@ -309,16 +319,18 @@ def _posterior_dataset(sphere, mean, std, quant, q, samples, meta, history):
         coords["quantile"] = ("quantile", q, {"long_name": "quantile level of the posterior samples",
                                               "units": "1"})
     if samples is not None:
-        data[f"{name}_samples"] = var(layout(samples), ["realization"], "realization: point",
+        sdim = "realization" if tname != "realization" else "posterior_sample"
+        data[f"{name}_samples"] = var(layout(samples), [sdim], "realization: point",
                                       "posterior samples")
-        coords["realization"] = ("realization", np.arange(len(samples)),
-                                 {"long_name": "posterior sample", "units": "1"})
+        coords[sdim] = (sdim, np.arange(len(samples)), {"long_name": "posterior sample",
+                                                        "standard_name": "realization",
+                                                        "units": "1"})
     ds = xr.Dataset(data, coords=coords)
     if time is None:
-        ds = ds.squeeze("time", drop=True)
+        ds = ds.squeeze(tname, drop=True)
     else:
-        ds["time"].encoding.update({k: v for k, v in time.encoding.items()
-                                    if k in ("units", "calendar", "dtype")})
+        ds[tname].encoding.update({k: v for k, v in time.encoding.items()
+                                   if k in ("units", "calendar", "dtype")})
     ds.attrs = {"Conventions": "CF-1.8", "history": history,
                 "source": f"geodiff posterior of {meta.get('source') or name}"}
     return ds

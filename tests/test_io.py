@@ -59,6 +59,16 @@ def test_read_field_every_coordinate_convention(tmp_path, poles, names, lat_orde
     assert (meta["lat_name"], meta["lon_name"]) == names
 
 
+def test_float32_coordinates_are_snapped_to_the_grid():
+    """netCDF files often store coordinates as float32 (error ~4e-6° at 84.13°N)."""
+    s, lat, lon = _grid(46, 90, False)
+    v = np.random.default_rng(8).normal(size=(1, 46, 90))
+    ds = _dataset(lat.astype(np.float32), lon.astype(np.float32), v)
+    m, x, _ = read_field(ds)
+    assert repr(m) == repr(s)
+    np.testing.assert_array_equal(x, s.from_layout(v[..., None]))
+
+
 def test_read_field_without_time_and_from_xarray_objects():
     s, lat, lon = _grid(7, 12, True)
     v = np.random.default_rng(1).normal(size=(1, 7, 12))
@@ -67,6 +77,23 @@ def test_read_field_without_time_and_from_xarray_objects():
         m, x, meta = read_field(src)
         assert x.shape == (1, 84, 1) and meta["time"] is None and meta["source"] is None
         np.testing.assert_array_equal(x, s.from_layout(v[..., None]))
+
+
+def test_an_ensemble_dimension_is_the_field_dimension(tmp_path):
+    """Fields along ``member`` (an ensemble, no time stamps) read like time steps, and the
+    posterior file keeps that dimension and its values."""
+    s, lat, lon = _grid(7, 12, True)
+    v = np.random.default_rng(6).normal(280, 5, (3, 7, 12))
+    da = xr.DataArray(v, dims=("member", "lat", "lon"), name="tas",
+                      coords={"lat": lat, "lon": lon}, attrs={"units": "K"})
+    m, x, meta = read_field(da)
+    assert x.shape == (3, 84, 1) and meta["time"].name == "member"
+    np.testing.assert_array_equal(meta["time"].values, [0, 1, 2])
+    samples = np.random.default_rng(7).normal(size=(4, 3, 84, 1))
+    out = write_posterior(tmp_path / "p.nc", m, samples, meta=meta, keep_samples=True)
+    with xr.open_dataset(out) as post:
+        assert post["tas_mean"].dims == ("member", "lat", "lon")
+        assert post["tas_samples"].dims == ("realization", "member", "lat", "lon")
 
 
 def test_read_field_bad_input_names_the_problem(tmp_path):

@@ -35,6 +35,9 @@ from geodiff.manifolds import Manifold
 from geodiff.manifolds.spec import manifold_from_spec, manifold_spec
 
 FORMAT_VERSION = 1
+#: Where the priors shipped inside the package live: ``<name>.npz`` and its model card
+#: ``<name>.json`` (data, training, held-out ELBO, licence; docs/priors.md).
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +285,37 @@ class DiffusionPrior(Prior):
         nnx.replace_by_pure_dict(prior.params, _unflatten(params_flat))
         prior.data_info = meta.get("data_info")          # files before 0.4: None
         return prior
+
+    # ------------------------------------------------------------------ shipped priors
+    @staticmethod
+    def pretrained_names() -> list[str]:
+        """Names of the priors shipped inside this installation of geodiff (sorted)."""
+        return sorted(p.stem for p in PRETRAINED_DIR.glob("*.npz")
+                      if p.with_suffix(".json").is_file())
+
+    @classmethod
+    def pretrained(cls, name: str) -> "DiffusionPrior":
+        """A prior shipped inside the package, e.g. ``DiffusionPrior.pretrained("mnist-32x32")``.
+
+        Its model card (:meth:`pretrained_card`) says what it was trained on, how, and its
+        held-out ELBO; ``data_info`` says what its normalized units mean.
+
+        Raises:
+            ValueError: ``name`` is not one of :meth:`pretrained_names`.
+        """
+        names = cls.pretrained_names()
+        if name not in names:
+            raise ValueError(f"name: no shipped prior {name!r}; this geodiff ships {names}")
+        return cls.load(PRETRAINED_DIR / f"{name}.npz")
+
+    @classmethod
+    def pretrained_card(cls, name: str) -> dict:
+        """The model card of a shipped prior: data, training, held-out ELBO and how it was
+        computed, licence (a dict read from ``geodiff/pretrained/<name>.json``)."""
+        if name not in cls.pretrained_names():
+            raise ValueError(f"name: no shipped prior {name!r}; this geodiff ships "
+                             f"{cls.pretrained_names()}")
+        return json.loads((PRETRAINED_DIR / f"{name}.json").read_text())
 
 
 def _key(s: str):

@@ -206,13 +206,15 @@ class Manifold:
                         evecs=jnp.asarray(evecs, dtype))
 
     # ---------------------------------------------------------------------- signals
-    def check_signal(self, x, name: str = "x", *, channels: int | None = None):
+    def check_signal(self, x, name: str = "x", *, channels: int | None = None,
+                     missing: bool = False):
         """Validate a signal in the vertex layout and return it unchanged.
 
         Args:
             x: array of shape (..., V, C).
             name: the argument name to put in error messages.
             channels: required C, if any.
+            missing: allow NaN (a missing value; data with gaps), never inf.
 
         Raises:
             ValueError: wrong rank or size, or (for concrete arrays) NaN/inf values.
@@ -223,8 +225,12 @@ class Manifold:
                              f"(vertex layout; use from_layout for the user layout), got {shape}")
         if channels is not None and shape[-1] != channels:
             raise ValueError(f"{name} must have {channels} channel(s) (last axis), got shape {shape}")
-        if not isinstance(x, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(x)))):
-            raise ValueError(f"{name} contains NaN or infinite values")
+        if not isinstance(x, jax.core.Tracer):
+            a = np.asarray(x)
+            if missing and np.isinf(a).any():
+                raise ValueError(f"{name} contains infinite values (NaN marks a missing value)")
+            if not missing and not bool(np.all(np.isfinite(a))):
+                raise ValueError(f"{name} contains NaN or infinite values")
         return x
 
     def inner(self, a, b):

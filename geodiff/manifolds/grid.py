@@ -68,5 +68,7 @@ class Grid(Manifold):
             np.pi * np.outer(j + 0.5, q[order]) / W)
         return lam[order], evecs
 
-    def check_signal(self, x, name: str = "x", *, channels: int | None = None):
-        return super().check_signal(x, name, channels=self.channels if channels is None else channels)
+    def check_signal(self, x, name: str = "x", *, channels: int | None = None,
+                     missing: bool = False):
+        return super().check_signal(x, name, channels=self.channels if channels is None else channels,
+                                    missing=missing)

@@ -190,7 +190,7 @@ class Sphere(Manifold):
         Values are kept as given (no unit change); ``units`` is recorded in ``attrs``.
 
         Args:
-            x: (V,), (V, C) or (S, V, C) array in the vertex layout.
+            x: (V,), (V, C) or (S, V, C) array in the vertex layout (NaN: missing).
             name: the DataArray's name.
             units: the units of the values, e.g. ``"K"`` or ``"1"`` (normalized).
             attrs: further attributes.
@@ -210,7 +210,7 @@ class Sphere(Manifold):
             squeeze = False
         if x.ndim not in (2, 3):
             raise ValueError(f"x must have shape (V,), (V, C) or (S, V, C), got {x.shape}")
-        self.check_signal(x, "x")
+        self.check_signal(x, "x", missing=True)
         a = self.to_layout(x)
         spatial = ["latitude", "longitude"] if self.kind == "latlon" else ["pixel"]
         dims = (["sample"] if x.ndim == 3 else []) + spatial + ["channel"]
