@@ -145,13 +145,21 @@ def fit(args) -> None:
         print(f"drawing {args.prior_samples} prior samples ({args.sample_steps} steps each) for "
               "the Gaussian surrogate and the calibration", file=sys.stderr)
         draws = draw_prior(k_draw, prior, args.prior_samples, batch=64, steps=args.sample_steps)
-    n_cal = max(len(draws) // 4, 2)
+    n_cal = min(max(len(draws) // 4, 2), 100)                 # 100 fields set τ well enough
     sur = GaussianSurrogate.fit(draws[n_cal:], rank=args.rank)
     # the sampler's own operator draws masks at the data's missing fraction (for calibration);
     # it takes the data's Mask measurements as they are
     op = RandomMask(ratio, sigma).on(manifold)
-    sampler = AmortizedSampler(manifold, prior, op, surrogate=sur, centre="surrogate",
-                               n_steps=args.couplings, hidden=args.hidden,
+    mix = None
+    if args.centre == "mixture":
+        from geodiff import MixtureSurrogate
+
+        print(f"fitting a {args.components}-component Gaussian mixture (rank {args.rank}) to "
+              f"{len(draws) - n_cal} fields by EM", file=sys.stderr)
+        mix = MixtureSurrogate.fit(draws[n_cal:], components=args.components,
+                                   rank=min(args.rank, len(draws) - n_cal - 1), seed=args.seed)
+    sampler = AmortizedSampler(manifold, prior, op, surrogate=sur, centre=args.centre,
+                               mixture=mix, n_steps=args.couplings, hidden=args.hidden,
                                n_eig=min(64, manifold.max_eigenpairs), seed=args.seed)
     if args.steps > 0:
         n_val = len(x) // 5
@@ -311,7 +319,12 @@ def parser() -> argparse.ArgumentParser:
                    help="prior draws for the surrogate and the calibration (default 64)")
     f.add_argument("--sample-steps", type=int, default=200,
                    help="reverse-diffusion steps per prior draw (default 200)")
-    f.add_argument("--rank", type=int, default=64, help="surrogate rank (default 64)")
+    f.add_argument("--rank", type=int, default=256, help="surrogate rank (default 256)")
+    f.add_argument("--centre", choices=("mixture", "surrogate"), default="mixture",
+                   help="the flow's base: the exact posterior of a Gaussian mixture fitted by EM "
+                        "(default) or of one Gaussian (kriging)")
+    f.add_argument("--components", type=int, default=4,
+                   help="mixture components (default 4)")
     f.add_argument("--couplings", type=int, default=8, help="flow coupling pairs (default 8)")
     f.add_argument("--hidden", type=int, default=256, help="flow conditioner width (default 256)")
     f.add_argument("--calib-samples", type=int, default=64,
