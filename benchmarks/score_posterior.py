@@ -36,7 +36,8 @@ def main(argv=None) -> dict:
     p.add_argument("--data", type=Path, required=True, help="the gappy input of impute")
     p.add_argument("--train", type=Path, required=True, help="complete training fields (kriging)")
     p.add_argument("--sampler", type=Path, required=True, help="the sampler file (σ)")
-    p.add_argument("--rank", type=int, default=256, help="kriging covariance rank (default 256)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="kriging covariance rank (default: the sampler's surrogate rank)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -58,7 +59,8 @@ def main(argv=None) -> dict:
     sampler = AmortizedSampler.load(args.sampler)
     info = sampler.prior.data_info
     scale, offset = info["scale"], info["offset"]
-    m, F, d = gaussian_fit((train - offset) / scale, rank=args.rank)
+    rank = args.rank or int(sampler.surrogate.factor.shape[1])
+    m, F, d = gaussian_fit((train - offset) / scale, rank=rank)
     op = Mask(sampler.operator.sigma).on(sphere)
     krig = offset + scale * np.asarray(kriging(op, op.observe((gappy - offset) / scale), mean=m,
                                                cov_factor=F, nugget=d))[..., 0]
@@ -80,7 +82,7 @@ def main(argv=None) -> dict:
           + f" | {cov.mean():.3f} |")
     out = {"units": units, "missing_fraction": float(missing.mean()), "times": times,
            "rmse": {k: v.tolist() for k, v in rows.items()}, "coverage90": cov.tolist(),
-           "rank": args.rank, "sigma": float(sampler.operator.sigma * scale)}
+           "rank": rank, "sigma": float(sampler.operator.sigma * scale)}
     path = args.json or args.posterior.with_suffix(".scores.json")
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")

@@ -46,7 +46,7 @@ SHIPPED = {
              "from real GloSea4 fields (not ERA5; geodiff.data.era5_like, seed 0)",
              "glosea4_split('test')", "GloSea4 sample data: Open Government Licence (Met Office)"),
 }
-ELBO_N, ELBO_NT, ELBO_SEED = 100, 8, 0
+ELBO_N, ELBO_NT, ELBO_SEED = 32, 4, 0
 
 
 def held_out(dataset: str) -> np.ndarray:

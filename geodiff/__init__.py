@@ -25,7 +25,7 @@ __all__ = ["AmortizedSampler", "ConditionalRealNVP", "DiffusionPrior", "Gaussian
 
 # Sub-modules reachable as attributes of the package (PEP 562), imported on first access. A new
 # public sub-module is one more name here.
-_SUBMODULES = frozenset({"amortized", "baselines", "data", "diffusion", "flows", "io",
+_SUBMODULES = frozenset({"amortized", "baselines", "cli", "data", "diffusion", "flows", "io",
                          "manifolds", "metrics", "operators", "plot", "train"})
 
 

@@ -167,7 +167,8 @@ def fit(args) -> None:
         sampler, _ = sampler.fit(k_fit, train, steps=args.steps, objective="reverse",
                                  batch_size=min(32, len(x) - n_val), validation=val,
                                  progress=not args.quiet)
-    sampler = sampler.calibrate(k_cal, draws[:n_cal], level=0.9, n_samples=args.calib_samples)
+    sampler = sampler.calibrate(k_cal, draws[:n_cal], level=0.9, n_samples=args.calib_samples,
+                                iters=10)
     sampler.save(out)
     print(f"wrote {out} (missing fraction {ratio:.2f}, σ = {args.sigma:g} "
           f"{info.get('units') or ''}, τ = {sampler.temperature:.3g})", file=sys.stderr)
@@ -310,9 +311,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--sigma", type=float, default=None,
                    help="noise std of the observed values, in the data's units "
                         "(default: 1%% of the prior's data range)")
-    f.add_argument("--steps", type=int, default=200,
-                   help="training steps of the paper's loss (0: the calibrated surrogate; "
-                        "default 200, best of held-out fields kept)")
+    f.add_argument("--steps", type=int, default=0,
+                   help="training steps of the paper's loss on the gappy fields (default 0: the "
+                        "calibrated base; with steps, the better of untrained and trained on "
+                        "held-out fields is kept; docs/your-data.md has what training did)")
     f.add_argument("--signals", help="complete fields (the prior's training file) for the "
                                      "surrogate and the calibration, instead of prior draws")
     f.add_argument("--prior-samples", type=int, default=64,
@@ -320,15 +322,15 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--sample-steps", type=int, default=200,
                    help="reverse-diffusion steps per prior draw (default 200)")
     f.add_argument("--rank", type=int, default=256, help="surrogate rank (default 256)")
-    f.add_argument("--centre", choices=("mixture", "surrogate"), default="mixture",
-                   help="the flow's base: the exact posterior of a Gaussian mixture fitted by EM "
-                        "(default) or of one Gaussian (kriging)")
+    f.add_argument("--centre", choices=("surrogate", "mixture"), default="surrogate",
+                   help="the flow's base: the exact posterior of one Gaussian (kriging; default) "
+                        "or of a Gaussian mixture fitted by EM")
     f.add_argument("--components", type=int, default=4,
                    help="mixture components (default 4)")
     f.add_argument("--couplings", type=int, default=8, help="flow coupling pairs (default 8)")
     f.add_argument("--hidden", type=int, default=256, help="flow conditioner width (default 256)")
-    f.add_argument("--calib-samples", type=int, default=64,
-                   help="samples per held-out field while calibrating (default 64)")
+    f.add_argument("--calib-samples", type=int, default=32,
+                   help="samples per held-out field while calibrating (default 32)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(run=fit)

@@ -134,8 +134,8 @@ def mcg(key, prior: Prior, operator: Operator, measurement: Measurement, *, n: i
     entries are replaced by the measurement noised to the next level, α_{t'} y + σ_{t'} ε. The
     returned samples equal y on observed entries.
 
-    Args: as :func:`dps` (``operator`` must be a :class:`~geodiff.operators.Mask` or
-        :class:`~geodiff.operators.RandomMask`).
+    Args: as :func:`dps` (``operator`` must be a :class:`~geodiff.operators.Mask`, e.g. a
+    :class:`~geodiff.operators.RandomMask`).
 
     Returns:
         (n, V, C) or (n, ..., V, C).
