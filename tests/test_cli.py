@@ -15,6 +15,9 @@ import xarray as xr
 from geodiff.cli import main
 
 NLAT, NLON = 12, 24                                   # a cell-centred 15° grid
+# one worker runs the whole module, so the module fixture (four subprocesses) runs once
+# (the Makefile's pytest uses --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("cli")
 
 
 def _fields(n, seed):
@@ -54,7 +57,9 @@ def _geodiff(*args, cwd):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """train-prior → fit → impute → plot on a 12×24 netCDF with two gappy time steps."""
+    """train-prior → fit (its defaults: the calibrated base, no training; training is
+    sampler.fit, tested in tests/test_amortized.py) → impute → plot on a 12×24 netCDF with two
+    gappy time steps."""
     d = tmp_path_factory.mktemp("cli")
     _save(_fields(48, 1), d / "train.nc", "2000-01-01")
     gappy = _fields(2, 2)
@@ -64,7 +69,7 @@ def run(tmp_path_factory):
     steps = [("train-prior", "train.nc", "--out", "prior.npz", "--steps", 10, "--batch", 16,
               "--width", 8, "--blocks", 1, "--n-eig", 8, "--quiet"),
              ("fit", "gappy.nc", "--prior", "prior.npz", "--signals", "train.nc", "--out",
-              "sampler.npz", "--steps", 2, "--rank", 8, "--couplings", 1, "--hidden", 16,
+              "sampler.npz", "--rank", 8, "--couplings", 1, "--hidden", 16,
               "--calib-samples", 16, "--quiet"),
              ("impute", "gappy.nc", "--sampler", "sampler.npz", "--out", "post.nc",
               "--samples", 16, "--quantiles", 0.05, 0.95),
