@@ -52,7 +52,7 @@ priors: setup
 # script and the comparison code every script shares). `make test-slow` runs the smokes of the other
 # benchmark scripts (≈ 5 min); run it after changing benchmarks/.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -n 2 -m slow

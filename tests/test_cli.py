@@ -15,9 +15,6 @@ import xarray as xr
 from geodiff.cli import main
 
 NLAT, NLON = 12, 24                                   # a cell-centred 15° grid
-# one worker runs the whole module, so the module fixture (four subprocesses) runs once
-# (the Makefile's pytest uses --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("cli")
 
 
 def _fields(n, seed):
@@ -80,9 +77,11 @@ def run(tmp_path_factory):
     return d, gappy
 
 
-def test_cli_end_to_end_matches_the_python_api(run):
+def test_cli_end_to_end_and_bad_input(run, capsys, tmp_path):
     """The file's mean is the Python API's mean on the same inputs; observed cells stay close to
-    the data; time stamps and units survive; plain xarray opens the file; the map is drawn."""
+    the data; time stamps and units survive; plain xarray opens the file; the map is drawn.
+    Then bad input: a one-line error, exit code 1, no output file (in-process and through the
+    console script). One test, so the module's fixture runs once whichever xdist worker runs it."""
     from geodiff import AmortizedSampler
     from geodiff.io import read_field
     from geodiff.operators import Mask
@@ -107,6 +106,10 @@ def test_cli_end_to_end_matches_the_python_api(run):
     sigma_k = sampler.operator.sigma * info["scale"]
     assert np.abs(mean - x)[observed].max() < 3 * sigma_k
     assert (d / "map.png").stat().st_size > 10_000
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    check_bad_input_one_line_error_no_output(run, capsys, tmp_path / "a")
+    check_error_exit_code_in_a_subprocess(run, tmp_path / "b")
 
 
 def _fails(capsys, argv, match, out):
@@ -118,7 +121,7 @@ def _fails(capsys, argv, match, out):
     assert not Path(out).exists()
 
 
-def test_cli_bad_input_one_line_error_no_output(run, capsys, tmp_path):
+def check_bad_input_one_line_error_no_output(run, capsys, tmp_path):
     d, _ = run
     out = tmp_path / "post.nc"
     common = ["--sampler", d / "sampler.npz", "--out", out]
@@ -144,7 +147,7 @@ def test_cli_bad_input_one_line_error_no_output(run, capsys, tmp_path):
            "have missing values", tmp_path / "p.npz")
 
 
-def test_cli_error_exit_code_in_a_subprocess(run, tmp_path):
+def check_error_exit_code_in_a_subprocess(run, tmp_path):
     """The console script itself: one line on stderr, exit code 1."""
     d, _ = run
     res = _geodiff("impute", "gappy.nc", "--sampler", "sampler.npz", "--var", "pr", "--out",
@@ -152,3 +155,4 @@ def test_cli_error_exit_code_in_a_subprocess(run, tmp_path):
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
     assert res.stderr.startswith("geodiff impute: error: var: 'pr'")
     assert not (tmp_path / "x.nc").exists()
+
