@@ -58,8 +58,9 @@ MODES = {
     "smoke": Config(n_test=2, n_tune=1, repeats=1, prior_mode="smoke", dps_steps=10, zetas=(0.3, 1.0),
                     rank=16, aps_train=16, aps_steps=3, aps_batch=4, aps_hidden=16,
                     aps_couplings=1, aps_n_eig=8, aps_local_hidden=4, fpy_n=1, fpy_steps=2,
-                    # the 0.4 rows (shared code) run in the ERA5-like smoke, APS[mixture,τ] here
-                    aps_objectives=(), dps_ensemble_n=0, aps_mixture_k=2, aps_mixture_rank=4,
+                    # the calibrated APS[reverse/pairs,τ] and APS[mixture,τ] rows (shared code)
+                    # run here (make test-slow), the DPS ensemble in the ERA5-like smoke
+                    dps_ensemble_n=0, aps_mixture_k=2, aps_mixture_rank=4,
                     calib_n=4, calib_samples=8, calib_iters=3),
 }
 

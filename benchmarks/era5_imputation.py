@@ -63,16 +63,24 @@ class Config(Settings):
 
 MODES = {
     "full": Config(aps_train=2000, aps_steps=2000, aps_batch=32, fpy_n=3, fpy_steps=300),
-    "quick": Config(n_train=2000, n_test=6, prior_mode="quick", aps_train=500, aps_steps=100,
-                    aps_batch=16, aps_local_hidden=0, mcg=False, fpy_n=0,
-                    dps_chains=4, dps_ensemble_n=2),  # the demo: a small DPS ensemble
+    # the demo (make demo, ≤ 5 min on 2 cores): the shipped quick prior, the paper's APS (60
+    # steps) and the untrained mixture base (EM on 1,000 fields) with its calibrated τ; DPS with
+    # 250 steps (ζ from two candidates) and a 4-chain ensemble on one field. The calibrated
+    # APS[reverse/pairs,τ] rows are in aps_design.py and the full mode.
+    "quick": Config(n_train=2000, n_test=4, n_tune=1, prior_mode="quick", aps_train=256,
+                    aps_steps=60, aps_batch=8, aps_local_hidden=0, mcg=False, fpy_n=0,
+                    aps_objectives=(), calib_n=32, calib_samples=16, calib_iters=8,
+                    aps_mixture_n=1000, dps_steps=250, zetas=(0.3, 1.0), dps_chains=4,
+                    dps_ensemble_n=1, repeats=2),
     "smoke": Config(n_train=200, rank=32, n_test=2, repeats=1, prior_mode="smoke", dps_steps=10,
                     zetas=(0.1, 0.3), n_tune=1, aps_train=32, aps_steps=3, aps_batch=8,
                     aps_hidden=16, aps_couplings=1, aps_n_eig=8, aps_local_hidden=4,
                     # MCG and FlowPerY (shared code) run in the bunny smoke, to keep CI short
                     mcg=False, fpy_n=0,
                     calib_n=4, calib_samples=8, calib_iters=3, dps_chains=2, dps_ensemble_n=2,
-                    aps_mixture_k=0),  # the APS[mixture,τ] rows run in the bunny smoke
+                    # the calibrated APS[…,τ] rows run in the bunny smoke (make test-slow): at
+                    # 4,140 vertices their compiles cost ≈ 35 s of make test's 10 minutes
+                    aps_objectives=(), aps_mixture_k=0),
 }
 
 

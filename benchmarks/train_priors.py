@@ -8,7 +8,9 @@ Datasets: ``era5`` (ERA5-like (GloSea4-anchored) temperature on the 46×90 spher
 (MNIST on the Stanford bunny res3), ``mnist`` (MNIST 32×32, the offline stand-in for CelebA).
 
 Trained priors are cached as ``$GEODIFF_CACHE/priors/<dataset>-<mode>.npz`` and reused by later
-scripts (delete the file or pass ``--retrain`` to train again). Training checkpoints go to
+scripts (delete the file or pass ``--retrain`` to train again). Where geodiff ships the prior of
+a (dataset, mode) (``benchmarks/ship_prior.py``, ``geodiff/pretrained/``), a missing cache file
+is a copy of it instead of a new training run. Training checkpoints go to
 ``$GEODIFF_CACHE/priors/<dataset>-<mode>-ckpt/``: an interrupted full run resumes where it stopped,
 and ``--steps`` may be raised to continue a finished one. Writes a figure of prior samples beside
 real samples (``<out>/<dataset>-<mode>.png``) and a JSON of timings and the loss curve.
@@ -26,7 +28,7 @@ import jax
 import numpy as np
 
 from geodiff import Grid, Mesh, Sphere
-from geodiff._cache import cache_dir
+from geodiff._cache import atomic_write, cache_dir
 from geodiff.diffusion import VPSDE, DiffusionPrior, NetConfig
 from geodiff.timing import machine_info, versions, write_json
 
@@ -76,6 +78,34 @@ def prior_path(dataset: str, mode: str, t0: float | None = None) -> Path:
     return cache_dir("priors") / f"{prior_name(dataset, mode, t0)}.npz"
 
 
+#: the package's name of each dataset's shipped prior (``benchmarks/ship_prior.py``)
+SHIPPED_NAMES = {"mnist": "mnist-32x32", "bunny": "bunny-mnist-res3", "era5": "era5-like-46x90"}
+
+
+def shipped_name(dataset: str, mode: str) -> str:
+    """The name under which ``ship_prior.py`` ships the prior of ``dataset`` trained in ``mode``
+    (full: the dataset's name, quick: with ``-quick``)."""
+    return SHIPPED_NAMES[dataset] + ("" if mode == "full" else f"-{mode}")
+
+
+def shipped_copy(dataset: str, mode: str, t0: float | None = None) -> Path | None:
+    """The shipped prior that this script would train for (dataset, mode, default t0), copied
+    into the cache as ``prior_path``; None when none ships with this installation."""
+    from geodiff.diffusion.prior import PRETRAINED_DIR
+
+    if t0 is not None or mode == "smoke" or dataset not in SHIPPED_NAMES:
+        return None
+    src = PRETRAINED_DIR / f"{shipped_name(dataset, mode)}.npz"
+    if not (src.is_file() and src.with_suffix(".json").is_file()):
+        return None
+    dst = prior_path(dataset, mode)
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    print(f"prior: the shipped {src.stem} (geodiff/pretrained/{src.stem}.json: the model card of "
+          f"`train_priors.py --dataset {dataset}{'' if mode == 'full' else ' --' + mode}`, seed 0); "
+          "--retrain trains it here")
+    return dst
+
+
 def train_or_load(dataset: str, mode_name: str, *, seed: int = 0, steps: int | None = None,
                   retrain: bool = False, progress: bool = True, t0: float | None = None):
     """The cached prior of ``dataset`` trained in ``mode_name``, training it if needed.
@@ -88,6 +118,8 @@ def train_or_load(dataset: str, mode_name: str, *, seed: int = 0, steps: int | N
     mode = MODES[mode_name]
     manifold, data, units, physical = load_dataset(dataset, mode.n_train, seed)
     path = prior_path(dataset, mode_name, t0)
+    if not path.exists() and not retrain and steps is None:
+        shipped_copy(dataset, mode_name, t0)
     if path.exists() and not retrain and steps is None:
         return DiffusionPrior.load(path, manifold), None, manifold, data
     ckpt = cache_dir("priors") / f"{prior_name(dataset, mode_name, t0)}-ckpt"

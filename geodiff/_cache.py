@@ -40,6 +40,47 @@ def content_hash(*arrays, salt: str = "") -> str:
     return h.hexdigest()[:24]
 
 
+def read_npz(path: str | os.PathLike, meta_key: str, what: str) -> tuple[dict, dict]:
+    """Read a whole ``.npz`` file written by geodiff: every array, eagerly, and its JSON metadata.
+
+    A truncated, corrupted (bad CRC) or foreign file, or one whose metadata is not JSON, raises a
+    ValueError naming ``path`` and ``what`` it should have been; nothing is returned half-read.
+
+    Args:
+        path: the file (it must exist; callers check, to raise their own FileNotFoundError).
+        meta_key: the name of the array that holds the JSON metadata.
+        what: the kind of file, for the message (e.g. "saved DiffusionPrior").
+
+    Returns:
+        (metadata dict, {name: array} of every array in the file).
+    """
+    import json
+    import zipfile
+    import zlib
+
+    bad = f"path: {str(path)!r} is not a readable {what}"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError(f"{bad} (a single .npy array, not an .npz archive)")
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
+        raise ValueError(f"{bad} (truncated or corrupted: {type(e).__name__}: {e})") from None
+    except ValueError as e:
+        if str(e).startswith(bad):
+            raise
+        raise ValueError(f"{bad} ({e})") from None
+    if meta_key not in arrays:
+        raise ValueError(f"{bad} (no {meta_key!r} entry: not written by geodiff)")
+    try:
+        meta = json.loads(str(arrays[meta_key]))
+    except ValueError as e:
+        raise ValueError(f"{bad} (its metadata is not JSON: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{bad} (its metadata is not a JSON object)")
+    return meta, arrays
+
+
 def atomic_savez(path: str | os.PathLike, **arrays) -> None:
     """Write an ``.npz`` file atomically: a temporary file in the same folder, then ``os.replace``.
 

@@ -69,6 +69,15 @@ def read_field(source, *, var: str | None = None):
             equiangular lat-lon grid, inf values, or a field with no observed value.
         TypeError: a ``source`` of another type.
     """
+    try:
+        return _read_any(source, var)
+    except ValueError as e:              # name the argument: what is wrong is in the source
+        if str(e).startswith(("source", "var")):
+            raise
+        raise ValueError(f"source: {e}") from None
+
+
+def _read_any(source, var):
     import xarray as xr
 
     if isinstance(source, (str, os.PathLike)):

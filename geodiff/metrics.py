@@ -12,8 +12,18 @@ from scipy.ndimage import gaussian_filter
 from geodiff.manifolds import Grid, Manifold, Sphere
 
 
+def _real(a, name: str) -> np.ndarray:
+    """``a`` as float64; a complex, string or object array, or an empty one, is an error."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must be a real-valued array, got dtype {a.dtype}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape})")
+    return a.astype(np.float64)
+
+
 def _pair(x, ref, manifold: Manifold | None = None):
-    x, ref = np.asarray(x, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    x, ref = _real(x, "x"), _real(ref, "ref")
     if ref.ndim < 2:
         raise ValueError(f"ref must have shape (..., V, C), got {ref.shape}")
     try:
@@ -29,7 +39,7 @@ def _weights(weights, V: int):
     """Validated per-vertex weights (V,) float64, or None."""
     if weights is None:
         return None
-    w = np.asarray(weights, dtype=np.float64)
+    w = _real(weights, "weights")
     if w.shape != (V,):
         raise ValueError(f"weights must have shape ({V},) (one non-negative weight per vertex, e.g. "
                          f"manifold.mass), got {w.shape}")
@@ -130,8 +140,7 @@ def ssim(x, ref, manifold: Manifold, *, data_range: float = 1.0, sigma: float = 
 
 
 def _samples_ref(samples, ref, min_samples: int = 1):
-    samples = np.asarray(samples, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
+    samples, ref = _real(samples, "samples"), _real(ref, "ref")
     if ref.ndim < 2:
         raise ValueError(f"ref must have shape (..., V, C), got {ref.shape}")
     if samples.shape[1:] != ref.shape or samples.shape[0] < min_samples:

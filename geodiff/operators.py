@@ -146,7 +146,8 @@ class Operator:
             A :class:`Measurement` with ``y`` (..., Vy, C) and ``mask`` (..., Vy, 1).
         """
         key = _check_key(key)
-        x = jnp.asarray(self._check_x(x))
+        x = self._check_x(x)
+        x = jnp.asarray(x, jnp.result_type(x.dtype, jnp.float32))   # integers: as floats
         batch, (V, C) = x.shape[:-2], x.shape[-2:]
         flat = x.reshape(-1, V, C)
         keys = jax.random.split(key, flat.shape[0])
@@ -194,12 +195,21 @@ class Operator:
         if not isinstance(m, Measurement):
             raise TypeError(f"measurement must be a geodiff.operators.Measurement, got {type(m).__name__}")
         x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating) or not jnp.issubdtype(x.dtype, jnp.number) \
+                and x.dtype != jnp.bool_:
+            raise TypeError(f"{name} must be a real-valued (floating-point) array, got dtype {x.dtype}")
+        x = x.astype(jnp.result_type(x.dtype, jnp.float32))          # integers: as floats
         self._check_measurement(m)
         batch = m.batch_shape
         nb = len(batch)
         if x.ndim < 2 + nb or tuple(x.shape[x.ndim - 2 - nb:-2]) != batch:
             raise ValueError(f"{name} must have shape (..., {', '.join(map(str, batch + ('V', 'C')))}) "
                              f"to match the measurement's batch shape {batch}, got {x.shape}")
+        want = (tuple(m.y.shape[-2:]) if name == "v" else
+                (self._input_vertices(m.y.shape[-2]), m.y.shape[-1]))
+        if tuple(x.shape[-2:]) != want:
+            raise ValueError(f"{name} must have shape (..., {want[0]}, {want[1]}) for this "
+                             f"measurement (y {tuple(m.y.shape)}), got {tuple(x.shape)}")
         sample = x.shape[: x.ndim - 2 - nb]
         mf = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[nb:]), m)
         xf = x.reshape(math.prod(sample), math.prod(batch), *x.shape[-2:])

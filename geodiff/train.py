@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from geodiff._cache import atomic_savez
+from geodiff._cache import atomic_savez, read_npz
 
 __all__ = ["TrainState", "History", "fit", "load_checkpoint", "CHECKPOINT_NAME"]
 
@@ -266,8 +266,9 @@ def _read_checkpoint(path) -> tuple[dict, Any]:
     path = _checkpoint_file(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    arrays = np.load(path, allow_pickle=False)
-    meta = json.loads(str(arrays[_META]))
+    meta, arrays = read_npz(path, _META, "geodiff training checkpoint")
+    if "trees" not in meta or "step" not in meta:
+        raise ValueError(f"path: {str(path)!r} is not a geodiff training checkpoint")
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format {meta.get('format')}, this geodiff reads "
                          f"format {FORMAT_VERSION}")

@@ -32,9 +32,9 @@ def gprior(grid):
 def perturbed(sampler, scale=0.3, seed=0):
     """A copy whose flow has random (non-identity) parameters."""
     leaves, treedef = jax.tree_util.tree_flatten(sampler.params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(max(leaf.shape[0], 1))
-           for leaf, k in zip(leaves, keys)]
+    rng = np.random.default_rng(seed)   # NumPy: no XLA program to compile per parameter shape
+    new = [jnp.asarray(np.asarray(leaf) + scale * rng.standard_normal(leaf.shape)
+                       / np.sqrt(max(leaf.shape[0], 1)), leaf.dtype) for leaf in leaves]
     out = AmortizedSampler.__new__(AmortizedSampler)
     out.__dict__.update(sampler.__dict__)
     out.params = jax.tree_util.tree_unflatten(treedef, new)
@@ -269,7 +269,7 @@ def test_save_load_round_trip(grid, gprior, key, tmp_path, which):
 
 def test_load_rejects_other_files(tmp_path):
     np.savez(tmp_path / "x.npz", a=np.zeros(3))
-    with pytest.raises(ValueError, match="not a saved AmortizedSampler"):
+    with pytest.raises(ValueError, match="not a (readable )?saved AmortizedSampler"):
         AmortizedSampler.load(tmp_path / "x.npz")
     with pytest.raises(FileNotFoundError, match="path"):
         AmortizedSampler.load(tmp_path / "missing.npz")

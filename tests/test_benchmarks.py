@@ -43,8 +43,8 @@ def bench_cache(tmp_path_factory):
 
 def run_smoke(name, tmp_path, monkeypatch, cache, *extra, design_rows=False, kriging_crps=True):
     """Run a comparison script at smoke size and check every row; ``design_rows``: the script's
-    smoke has the 0.4 rows (the DPS ensemble, the calibrated ``APS[…,τ]`` rows; ERA5-like only,
-    the shared code of ``_common.compare`` runs once in CI); ``kriging_crps``: kriging's row has
+    smoke has the calibrated ``APS[reverse/pairs,τ]`` rows of 0.4 (the bunny smoke);
+    ``kriging_crps``: kriging's row has
     its Gaussian CRPS (every script built on ``_common.compare``)."""
     monkeypatch.setenv("GEODIFF_CACHE", str(cache))
     script = load_script(name)
@@ -75,7 +75,8 @@ def run_smoke(name, tmp_path, monkeypatch, cache, *extra, design_rows=False, kri
     return on_disk
 
 
-# the rows 0.4 added to every comparison (smoke: a DPS ensemble of 2 chains; ERA5-like only)
+# the rows 0.4 added to every comparison (smoke: the DPS ensemble of 2 chains in the ERA5-like
+# smoke, the calibrated APS rows in the bunny smoke)
 DESIGN_ROWS = {"DPS×2", "APS[reverse,τ](1)", "APS[reverse,τ](128)", "APS[pairs,τ](1)", "APS[pairs,τ](128)"}
 
 
@@ -103,11 +104,11 @@ def assert_flowpery_column(rows, md):
 def test_era5_imputation_smoke(tmp_path, monkeypatch, bench_cache):
     from geodiff import AmortizedSampler
 
-    on_disk = run_smoke("era5_imputation", tmp_path, monkeypatch, bench_cache, design_rows=True)
+    on_disk = run_smoke("era5_imputation", tmp_path, monkeypatch, bench_cache)
     assert "ERA5-like (GloSea4-anchored)" in on_disk["meta"]["data_source"]
     assert methods_by_task(on_disk["rows"]) == {
-        "ERA5-like imputation 60%, σ=0.05": {"Kriging", "Harmonic", "DPS", "APS(1)", "APS(128)"}
-        | DESIGN_ROWS}
+        "ERA5-like imputation 60%, σ=0.05": {"Kriging", "Harmonic", "DPS", "APS(1)", "APS(128)",
+                                             "DPS×2"}}
     by = {r["method"]: r for r in on_disk["rows"]}
     assert set(by["DPS"]["zeta_scores_on_validation"]) == {"0.1", "0.3"} and by["DPS"]["nfe"] == 10
     # a Gaussian fitted to (even 200) ERA5-like fields beats Laplacian interpolation on real fields
@@ -125,11 +126,13 @@ def test_era5_imputation_smoke(tmp_path, monkeypatch, bench_cache):
 def test_bunny_mnist_inpainting_smoke(tmp_path, monkeypatch, bench_cache):
     from geodiff import AmortizedSampler
 
-    on_disk = run_smoke("bunny_mnist_inpainting", tmp_path, monkeypatch, bench_cache)
+    on_disk = run_smoke("bunny_mnist_inpainting", tmp_path, monkeypatch, bench_cache,
+                        design_rows=True)
     assert "MNIST on Stanford bunny res3" in on_disk["meta"]["data_source"]
     assert methods_by_task(on_disk["rows"]) == {
         "bunny inpaint 30%, σ=0.1": {"Kriging", "Harmonic", "DPS", "MCG", "APS(1)", "APS(128)",
-                                     "FlowPerY", "APS[mixture,τ](1)", "APS[mixture,τ](128)"}}
+                                     "FlowPerY", "APS[mixture,τ](1)", "APS[mixture,τ](128)"}
+        | DESIGN_ROWS - {"DPS×2"}}
     mix = next(r for r in on_disk["rows"] if r["method"] == "APS[mixture,τ](128)")
     assert mix["mixture"]["components"] == 2 and mix["learned_from"].startswith("the prior's clean")
     assert all(r["ssim"] is None for r in on_disk["rows"])     # no 2-D layout on a mesh: MSE only
@@ -263,6 +266,7 @@ def test_aps_flow_cost_smoke(tmp_path, monkeypatch, bench_cache):
         load_script("aps_flow_cost").main(["--smoke", "--steps", "2"])
 
 
+@pytest.mark.slow
 def test_prior_step_time_smoke(tmp_path):
     result = load_script("prior_step_time").main(["--smoke", "--json", str(tmp_path / "s.json")])
     assert {r["manifold"] for r in result["rows"]} == {"sphere 46x90", "bunny res3", "grid 32x32"}
@@ -439,6 +443,7 @@ def test_fit_aps_counts_the_training_time_before_a_resume(tmp_path, monkeypatch)
         np.testing.assert_array_equal(a, b)                               # and resumes exactly
 
 
+@pytest.mark.slow
 def test_elbo_scan_smoke(tmp_path):
     script = load_script("elbo_scan")
     rows = script.main(["--smoke", "--out", str(tmp_path)])
@@ -448,6 +453,7 @@ def test_elbo_scan_smoke(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
 
 
+@pytest.mark.slow
 def test_aps_design_smoke(tmp_path, monkeypatch, bench_cache):
     monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
     rows = load_script("aps_design").main(["--smoke", "--out", str(tmp_path)])

@@ -246,3 +246,16 @@ def test_ring_table_transpose_and_ring_mean_gradient(name, x64):
     np.testing.assert_allclose(loss(lambda h: ring_mean(ring_mean(h, t), t))(h),
                                loss(lambda h: _gather_sum(_gather_sum(h, t.index, t.weight),
                                                           t.index, t.weight))(h), atol=1e-6)
+
+
+def test_load_refuses_a_prior_whose_eigenvector_inputs_changed(sphere_stats, tmp_path, monkeypatch):
+    """A saved prior records a digest of its network inputs; if the manifold's Laplacian
+    features come out otherwise on load (a flipped sign, another basis of a degenerate
+    eigenspace), loading fails instead of feeding the network inputs it never saw."""
+    s, mean, std = sphere_stats
+    path = untrained(s, mean, std).save(tmp_path / "p.npz")
+    assert DiffusionPrior.load(path).features.shape == (s.n_vertices, TINY.n_pos + 2)
+    orig = Sphere.laplacian_features
+    monkeypatch.setattr(Sphere, "laplacian_features", lambda self, k=16: -orig(self, k))
+    with pytest.raises(ValueError, match="network inputs rebuilt from .* differ"):
+        DiffusionPrior.load(path)

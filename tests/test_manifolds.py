@@ -317,7 +317,7 @@ def test_eigensolver_failure_is_a_clear_error(monkeypatch):
 def test_eigenpairs_are_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path))
     ev1, V1 = icosphere(2).eigenpairs(6)
-    files = list((tmp_path / "geometry").glob("eig_*.npz"))
+    files = list((tmp_path / "geometry").glob("eig2_*.npz"))
     assert len(files) == 1
     assert not list((tmp_path / "geometry").glob("*.tmp"))
     with monkeypatch.context() as mp:
@@ -326,7 +326,7 @@ def test_eigenpairs_are_cached_on_disk(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ev1, ev2)
     np.testing.assert_array_equal(V1, V2)
     icosphere(1).eigenpairs(3)  # a different mesh gets a different key
-    assert len(list((tmp_path / "geometry").glob("eig_*.npz"))) == 2
+    assert len(list((tmp_path / "geometry").glob("eig2_*.npz"))) == 2
 
 
 def test_eigenvector_signs_are_reproducible(tmp_path, monkeypatch):
@@ -335,6 +335,34 @@ def test_eigenvector_signs_are_reproducible(tmp_path, monkeypatch):
     monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path / "b"))
     _, V2 = Mesh.bunny(4).eigenpairs(6)
     np.testing.assert_allclose(V1, V2, atol=1e-8)
+
+
+@pytest.mark.parametrize("nlat,nlon", [(8, 10), (24, 48)])     # the dense and the ARPACK path
+def test_degenerate_eigenspaces_get_one_basis_whatever_k_or_solver(nlat, nlon, monkeypatch):
+    """The lat-lon grid's cos mφ / sin mφ pairs are exactly degenerate, so a solver may return
+    any rotation of them. eigenpairs(k) is the first k columns of eigenpairs(k') for k' > k (even
+    when k splits a pair: the space is completed first), and any rotation of a degenerate pair
+    gives back the same basis."""
+    s = Sphere.latlon(nlat, nlon)
+    L, m, _ = s.geometry_mesh()
+    pts = s._mesh_geometry()[2]
+    ev, V = eigen.generalized_eigenpairs(L, m, 40, points=pts)
+    pairs = [(a, b) for a, b in eigen.eigen_clusters(ev) if b - a == 2]
+    assert len(pairs) >= 10                                  # the test sees degenerate spaces
+    cut = pairs[2][0] + 1                                    # k that splits a pair
+    for k in (cut, 16):
+        evk, Vk = eigen.generalized_eigenpairs(L, m, k, points=pts)
+        np.testing.assert_allclose(evk, ev[:k], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(Vk, V[:, :k], atol=1e-8)
+    rotated = V.copy()
+    for i, (a, b) in enumerate(pairs):
+        c, sn = np.cos(0.3 + i), np.sin(0.3 + i)
+        rotated[:, a:b] = V[:, a:b] @ np.array([[c, -sn], [sn, c]])
+    rotated[:, 5] *= -1
+    np.testing.assert_allclose(eigen.fix_signs(rotated, m, pts, ev), V, atol=1e-10)
+    # still eigenvectors, M-orthonormal
+    np.testing.assert_allclose(V.T @ (m[:, None] * V), np.eye(40), atol=1e-9)
+    np.testing.assert_allclose(L @ V, m[:, None] * V * ev, atol=1e-7 * ev.max())
 
 
 def test_mesh_validation():

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from geodiff._cache import atomic_savez
+from geodiff._cache import atomic_savez, read_npz
 from geodiff.amortized import io as _io
 from geodiff.amortized.mixture import (MixtureSurrogate, check_mixture_operator, mixture_base_params,
                                        mixture_draw, mixture_log_prob, mixture_shared)
@@ -375,10 +375,15 @@ class AmortizedSampler:
                 raise ValueError(f"{name}.{field} has structure {jax.tree.structure(a)}, expected "
                                  f"{jax.tree.structure(t)}: was it taken with another operator?")
             for a_, t_ in zip(jax.tree.leaves(a), jax.tree.leaves(t)):
-                if tuple(a_.shape[len(batch):]) != tuple(t_.shape):
-                    raise ValueError(f"{name}.{field} has per-example shape "
-                                     f"{a_.shape[len(batch):]}, expected {t_.shape} for "
-                                     f"{type(self.operator).__name__}")
+                if tuple(getattr(a_, "shape", ())) != batch + tuple(t_.shape):
+                    raise ValueError(f"{name}.{field} must have shape {batch + tuple(t_.shape)} "
+                                     f"(batch {batch} of y, then {tuple(t_.shape)} for "
+                                     f"{type(self.operator).__name__}), got "
+                                     f"{tuple(getattr(a_, 'shape', ()))}")
+                if np.dtype(a_.dtype).kind != np.dtype(t_.dtype).kind:
+                    raise TypeError(f"{name}.{field} must have dtype {t_.dtype}, got {a_.dtype}")
+        if np.dtype(y.dtype).kind != "f":
+            raise TypeError(f"{name}.y must be a floating-point array, got dtype {y.dtype}")
         if not isinstance(y, jax.core.Tracer):
             if not bool(jnp.all(jnp.isfinite(y))):
                 raise ValueError(f"{name}.y contains NaN or infinite values")
@@ -911,18 +916,14 @@ class AmortizedSampler:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: no saved sampler at {str(path)!r}")
-        with np.load(path, allow_pickle=False) as f:
-            if "meta" not in f.files:
-                raise ValueError(f"path: {str(path)!r} is not a saved AmortizedSampler")
-            meta = _io.loads(f["meta"])
-            if meta.get("class") != "AmortizedSampler":
-                raise ValueError(f"path: {str(path)!r} is not a saved AmortizedSampler")
-            if meta.get("format") != FORMAT_VERSION:
-                raise ValueError(f"path: {str(path)!r} was saved in sampler format "
-                                 f"{meta.get('format')!r}, this geodiff reads format "
-                                 f"{FORMAT_VERSION} (the flow's condition changed in 0.4): refit "
-                                 "the sampler")
-            arrays = {k: f[k] for k in f.files}
+        meta, arrays = read_npz(path, "meta", "saved AmortizedSampler")
+        if meta.get("class") != "AmortizedSampler":
+            raise ValueError(f"path: {str(path)!r} is not a saved AmortizedSampler")
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"path: {str(path)!r} was saved in sampler format "
+                             f"{meta.get('format')!r}, this geodiff reads format "
+                             f"{FORMAT_VERSION} (the flow's condition changed in 0.4): refit "
+                             "the sampler")
         manifold = manifold_from_spec(meta["manifold_spec"], arrays)
         prior = _io.prior_from_spec(meta["prior"], arrays, manifold)
         operator = _io.operator_from_spec(meta["operator"], manifold)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from pathlib import Path
 
 import jax
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from geodiff._cache import atomic_savez
+from geodiff._cache import atomic_savez, read_npz
 from geodiff.diffusion.base import Prior, check_time
 from geodiff.diffusion.network import NetGeometry, SpectralScoreNet, net_geometry
 from geodiff.diffusion.sde import VPSDE
@@ -78,6 +80,15 @@ def _features(manifold: Manifold, cfg: NetConfig, mean, std, extra):
     if extra is not None:
         parts.append(np.asarray(extra, np.float64))
     return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _features_digest(features) -> list[float]:
+    """(2F,) numbers that change when the (V, F) network inputs change: each column's products
+    with two fixed vectors over the vertices (catches a changed sign or eigenbasis on load)."""
+    f = np.asarray(features, np.float64)
+    v = np.arange(f.shape[0])
+    w = np.stack([np.cos(0.37 * v + 0.5), np.sin(1.13 * v + 0.2)], axis=1) / math.sqrt(f.shape[0])
+    return [float(a) for a in (w.T @ f).reshape(-1)]
 
 
 def _net_geometry(manifold: Manifold, cfg: NetConfig) -> tuple[NetGeometry, tuple[float, float]]:
@@ -240,7 +251,7 @@ class DiffusionPrior(Prior):
                 "channels": self.channels, "sde": dataclasses.asdict(self.sde),
                 "manifold": repr(self.manifold), "manifold_spec": spec,
                 "n_vertices": self.manifold.n_vertices, "data_info": self.data_info,
-                "geodiff_version": _version()}
+                "geodiff_version": _version(), "features_digest": _features_digest(self.features)}
         arrays = {"meta": np.array(json.dumps(meta)), "data_mean": np.asarray(self.data_mean),
                   "data_std": np.asarray(self.data_std), **spec_arrays, **flat}
         if self.extra_features is not None:
@@ -260,22 +271,21 @@ class DiffusionPrior(Prior):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: no saved prior at {str(path)!r}")
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            if meta.get("class") != "DiffusionPrior":
-                raise ValueError(f"path: {str(path)!r} is not a saved DiffusionPrior")
-            if manifold is None:
-                if "manifold_spec" not in meta:
-                    raise ValueError(f"path: {str(path)!r} does not describe its manifold (saved by "
-                                     "an older geodiff); pass manifold=")
-                manifold = manifold_from_spec(meta["manifold_spec"], f)
-            if meta["n_vertices"] != manifold.n_vertices:
-                raise ValueError(f"manifold has {manifold.n_vertices} vertices but the prior was "
-                                 f"trained on {meta['n_vertices']} ({meta['manifold']})")
-            params_flat = {tuple(_key(p) for p in k.split("/")[1:]): f[k] for k in f.files
-                           if k.startswith("param/")}
-            mean, std = f["data_mean"], f["data_std"]
-            extra = f["extra_features"] if "extra_features" in f.files else None
+        meta, f = read_npz(path, "meta", "saved DiffusionPrior")
+        if meta.get("class") != "DiffusionPrior":
+            raise ValueError(f"path: {str(path)!r} is not a saved DiffusionPrior")
+        if manifold is None:
+            if "manifold_spec" not in meta:
+                raise ValueError(f"path: {str(path)!r} does not describe its manifold (saved by "
+                                 "an older geodiff); pass manifold=")
+            manifold = manifold_from_spec(meta["manifold_spec"], f)
+        if meta["n_vertices"] != manifold.n_vertices:
+            raise ValueError(f"manifold has {manifold.n_vertices} vertices but the prior was "
+                             f"trained on {meta['n_vertices']} ({meta['manifold']})")
+        params_flat = {tuple(_key(p) for p in k.split("/")[1:]): v for k, v in f.items()
+                       if k.startswith("param/")}
+        mean, std = f["data_mean"], f["data_std"]
+        extra = f.get("extra_features")
         prior = cls(manifold, config=NetConfig(**meta["config"]), params=None, data_mean=mean,
                     data_std=std, extra_features=extra, channels=meta["channels"],
                     sde=VPSDE(**meta["sde"]))
@@ -283,6 +293,21 @@ class DiffusionPrior(Prior):
         if set(_flatten(pure)) != set(params_flat):
             raise ValueError(f"path: parameters in {str(path)!r} do not match the network config")
         nnx.replace_by_pure_dict(prior.params, _unflatten(params_flat))
+        if "features_digest" not in meta:
+            warnings.warn(f"{str(path)!r} was saved without a digest of its network inputs "
+                          f"(geodiff {meta.get('geodiff_version', '< 0.4')}): whether this "
+                          "installation computes the same Laplacian eigenvectors for it is not "
+                          "checked (priors on spheres saved before 0.4 need training again)",
+                          stacklevel=2)
+        else:
+            got, want = _features_digest(prior.features), meta["features_digest"]
+            if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+                raise ValueError(
+                    f"path: the network inputs rebuilt from {prior.manifold!r} differ from those "
+                    f"{str(path)!r} was trained with (largest change "
+                    f"{np.max(np.abs(np.subtract(got, want))):.3g}): its Laplacian eigenvectors "
+                    f"were computed otherwise (saved by geodiff {meta.get('geodiff_version')}, "
+                    f"this is {_version()}); train the prior again")
         prior.data_info = meta.get("data_info")          # files before 0.4: None
         return prior
 

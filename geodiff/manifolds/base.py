@@ -130,7 +130,7 @@ class Manifold:
         if self._eig is not None and len(self._eig[0]) >= k:
             return self._eig[0][:k], self._eig[1][:, :k]
         key = self._cache_key()
-        path = None if key is None else cache_dir("geometry") / f"eig_{key}.npz"
+        path = None if key is None else cache_dir("geometry") / f"eig2_{key}.npz"  # eig2: canonical bases
         if path is not None and path.exists():
             with np.load(path) as f:
                 evals, evecs = f["evals"], f["evecs"]
@@ -218,11 +218,16 @@ class Manifold:
 
         Raises:
             ValueError: wrong rank or size, or (for concrete arrays) NaN/inf values.
+            TypeError: a complex, string or object array.
         """
         shape = getattr(x, "shape", None)
         if shape is None or len(shape) < 2 or shape[-2] != self.n_vertices:
             raise ValueError(f"{name} must have shape (..., {self.n_vertices}, C) for {self!r} "
                              f"(vertex layout; use from_layout for the user layout), got {shape}")
+        dtype = np.dtype(getattr(x, "dtype", np.float64))
+        if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+                or dtype == np.bool_):
+            raise TypeError(f"{name} must be a real-valued (floating-point) array, got dtype {dtype}")
         if channels is not None and shape[-1] != channels:
             raise ValueError(f"{name} must have {channels} channel(s) (last axis), got shape {shape}")
         if not isinstance(x, jax.core.Tracer):

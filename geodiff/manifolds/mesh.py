@@ -60,8 +60,10 @@ class Mesh(Manifold):
     """
 
     def __init__(self, vertices, faces, *, clean: bool = False):
-        vertices = np.asarray(vertices, dtype=np.float64)
-        faces = np.asarray(faces)
+        vertices, faces = np.asarray(vertices), np.asarray(faces)
+        if vertices.dtype.kind not in "fiu":
+            raise TypeError(f"vertices must be a real-valued array, got dtype {vertices.dtype}")
+        vertices = vertices.astype(np.float64)
         if vertices.ndim != 2 or vertices.shape[1] != 3 or len(vertices) < 3:
             raise ValueError(f"vertices must have shape (V, 3) with V ≥ 3, got {vertices.shape}")
         if not np.all(np.isfinite(vertices)):

@@ -14,6 +14,13 @@ from geodiff._cache import content_hash
 from geodiff.manifolds.base import GEOMETRY_VERSION, Manifold
 
 
+def _check_radius(radius) -> None:
+    if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, float, np.integer, np.floating)):
+        raise TypeError(f"radius must be a number, got {radius!r}")
+    if not (np.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be finite and > 0, got {radius!r}")
+
+
 def _xyz(lat_deg: np.ndarray, lon_deg: np.ndarray, radius: float) -> np.ndarray:
     lat, lon = np.deg2rad(lat_deg), np.deg2rad(lon_deg)
     return radius * np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], -1)
@@ -118,8 +125,7 @@ class Sphere(Manifold):
             raise ValueError(f"nlat must be an integer ≥ {least} (poles={bool(poles)}), got {nlat!r}")
         if not isinstance(nlon, (int, np.integer)) or nlon < 3:
             raise ValueError(f"nlon must be an integer ≥ 3, got {nlon!r}")
-        if not radius > 0:
-            raise ValueError(f"radius must be > 0, got {radius!r}")
+        _check_radius(radius)
         if poles:
             lat = np.linspace(90.0, -90.0, nlat)
         else:
@@ -157,8 +163,7 @@ class Sphere(Manifold):
 
         if not isinstance(nside, (int, np.integer)) or nside < 1 or nside & (nside - 1):
             raise ValueError(f"nside must be a positive power of 2, got {nside!r}")
-        if not radius > 0:
-            raise ValueError(f"radius must be > 0, got {radius!r}")
+        _check_radius(radius)
         npix = 12 * nside**2
         points = radius * np.stack(healpy.pix2vec(nside, np.arange(npix)), axis=1)
         lon, lat = healpy.pix2ang(nside, np.arange(npix), lonlat=True)
