@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml geodiff/__init__.py
 
 setup: $(VENV)/.installed
 
+# the shipped quick ERA5-like prior (geodiff/pretrained/), so nothing is trained but the samplers
 demo: setup
 	$(BIN)/python benchmarks/era5_imputation.py --quick --out outputs/era5_demo
 
@@ -48,9 +49,11 @@ benchmarks-full: setup
 priors: setup
 	$(BIN)/python benchmarks/train_priors.py --dataset all --quick --out outputs/priors
 
-# CI runs `make test` (< 10 min on 2 cores): every unit test and the ERA5-like smoke (the demo's
-# script and the comparison code every script shares). `make test-slow` runs the smokes of the other
-# benchmark scripts (≈ 5 min); run it after changing benchmarks/.
+# CI runs `make test` (< 10 min on 2 cores): every unit test, the damaged-file drills, the fuzzing
+# and the ERA5-like smoke (the demo's script and the comparison code every script shares).
+# `make test-slow` runs the smokes of the other benchmark scripts (the calibrated APS rows in the
+# bunny smoke: 374 s alone) and the SIGKILL drills (≈ 90 s); run it after changing benchmarks/ or
+# geodiff/train.py.
 test: setup
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
