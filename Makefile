@@ -52,8 +52,8 @@ priors: setup
 # CI runs `make test` (< 10 min on 2 cores): every unit test, the damaged-file drills, the fuzzing
 # and the ERA5-like smoke (the demo's script and the comparison code every script shares).
 # `make test-slow` runs the smokes of the other benchmark scripts (the calibrated APS rows in the
-# bunny smoke: 374 s alone) and the SIGKILL drills (≈ 90 s); run it after changing benchmarks/ or
-# geodiff/train.py.
+# bunny smoke: 374 s alone), the SIGKILL drills (≈ 90 s) and the mixture sampler's bimodal check
+# (≈ 40 s); run it after changing benchmarks/, geodiff/amortized/ or geodiff/train.py.
 test: setup
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 

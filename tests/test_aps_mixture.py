@@ -134,6 +134,8 @@ def test_em_recovers_a_two_component_prior(prior, comps):
     assert single["loglik"] < fit.fit_info["loglik"] - 0.5 / 64   # one Gaussian: ≥ 0.5 nats worse per signal
 
 
+@pytest.mark.slow   # ≈ 40 s alone, 70 s inside make test: run by make test-slow (the exact-base,
+#                     log-prob and EM tests above keep the mixture's mathematics in make test)
 def test_mixture_sampler_closes_the_bimodal_gap(grid, prior):
     """The issue's two-mode check (8×8 grid, 2 observed pixels at σ = 0.3, unseen y): against the
     v0.3 base (one Gaussian surrogate, untrained), the fitted mixture sampler (EM on prior draws,

@@ -26,7 +26,7 @@ from geodiff.operators import Blur, Denoise, Measurement, RandomMask, SuperResol
 
 # a complex input silently cast to real would be a wrong answer, not an error
 pytestmark = pytest.mark.filterwarnings("error::numpy.exceptions.ComplexWarning")
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 COUNTS: dict = collections.defaultdict(collections.Counter)
 
@@ -123,7 +123,7 @@ OPS = {"Denoise": Denoise(0.1), "RandomMask": RandomMask(0.5, 0.1), "Blur": Blur
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=20)
 @given(x=signal_like((16, 1)), v=signal_like((16, 1)), other=st.booleans())
 def test_operators(name, x, v, other):
     op = OPS[name].on(GRID)
