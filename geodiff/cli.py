@@ -175,15 +175,15 @@ def fit(args) -> None:
 
 
 def impute(args) -> None:
-    import jax
-
     from geodiff import AmortizedSampler
-    from geodiff.io import write_posterior
+    from geodiff.io import write_summary
     from geodiff.operators import Mask
 
     out = _check_output(args.out, (".nc", ".ply"))
     if args.samples < 2:
         raise CliError(f"--samples must be ≥ 2, got {args.samples}")
+    if args.chunk < 1:
+        raise CliError(f"--chunk must be ≥ 1, got {args.chunk}")
     if not all(0 < q < 1 for q in args.quantiles):
         raise CliError(f"--quantiles must lie in (0, 1), got {args.quantiles}")
     manifold, x, meta = _read(args.data, args.var)           # the cheap checks first
@@ -194,24 +194,133 @@ def impute(args) -> None:
     except (ValueError, KeyError, OSError) as e:
         raise CliError(f"--sampler {args.sampler!r}: not a saved geodiff sampler ({e})") from None
     info = _info(sampler.prior, f"--sampler {args.sampler!r}")
+    if not info["scale"] > 0:
+        raise CliError(f"--sampler {args.sampler!r}: its data scale must be > 0, got "
+                       f"{info['scale']}")
     _same_grid(manifold, sampler.manifold, args.data, "sampler")
     meas = Mask(sampler.operator.sigma).on(manifold).observe((x - info["offset"]) / info["scale"])
-    draws = posterior_samples(sampler, meas, args.samples, seed=args.seed)
-    samples = info["offset"] + info["scale"] * draws
+    parts = Parts(out, {"data": _digest(args.data), "sampler": _digest(args.sampler),
+                        "samples": args.samples, "seed": args.seed, "chunk": args.chunk,
+                        "quantiles": list(args.quantiles), "keep_samples": args.keep_samples,
+                        "fields": len(x)})
+    start = parts.done()
+    if start and not args.quiet:
+        print(f"resuming: fields 0–{start - 1} of {len(x)} are in {parts.folder}", file=sys.stderr)
+    for chunk in posterior_chunks(sampler, meas, args.samples, seed=args.seed, chunk=args.chunk,
+                                  quantiles=tuple(args.quantiles), keep_samples=args.keep_samples,
+                                  start=start, progress=not args.quiet):
+        units = lambda a: None if a is None else (                        # noqa: E731
+            info["offset"] + info["scale"] * np.asarray(a, np.float64))      # the data's units
+        parts.write(chunk.start, chunk.stop, {k: v for k, v in (
+            ("mean", units(chunk.mean)), ("std", info["scale"] * np.asarray(chunk.std, np.float64)),
+            ("quantiles", units(chunk.quantiles)), ("samples", units(chunk.samples)))
+            if v is not None})
+    arrays = parts.read()
     meta["units"] = meta["units"] or info.get("units")
-    write_posterior(out, manifold, samples, meta=meta, quantiles=tuple(args.quantiles),
-                    keep_samples=args.keep_samples,
-                    history=f"geodiff impute {args.data} --sampler {args.sampler} "
-                            f"--samples {args.samples} --seed {args.seed}")
+    write_summary(out, manifold, arrays["mean"], arrays["std"], quantiles=arrays.get("quantiles"),
+                  levels=tuple(args.quantiles), samples=arrays.get("samples"), meta=meta,
+                  history=f"geodiff impute {args.data} --sampler {args.sampler} "
+                          f"--samples {args.samples} --seed {args.seed}")
+    parts.remove()
     print(f"wrote {out}", file=sys.stderr)
 
 
-def posterior_samples(sampler, measurement, n: int, *, seed: int = 0) -> np.ndarray:
-    """(n, T, V, C) samples of ``sampler`` for the T measurements, in normalized units: what
-    ``geodiff impute`` draws (PRNG key ``jax.random.key(seed)``, all fields in one call)."""
+def posterior_chunks(sampler, measurement, n: int, *, seed: int = 0, chunk: int = 16,
+                     quantiles=(), keep_samples: bool = False, start: int = 0,
+                     progress: bool = False):
+    """What ``geodiff impute`` draws: :meth:`AmortizedSampler.iter_posterior` with PRNG key
+    ``jax.random.key(seed)`` over the T measurements, in normalized units (the same draws as
+    ``sampler.sample(jax.random.key(seed), measurement, n)``)."""
     import jax
 
-    return np.asarray(sampler.sample(jax.random.key(seed), measurement, n), np.float64)
+    return sampler.iter_posterior(jax.random.key(seed), measurement, n, chunk=chunk,
+                                  quantiles=quantiles, keep_samples=keep_samples, start=start,
+                                  progress=progress)
+
+
+def _digest(path) -> str:
+    """sha256 of a file (or of a folder's files, e.g. zarr), for the resume check."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class Parts:
+    """The finished chunks of an ``impute`` run, in ``<out>.parts/`` beside the output: one
+    ``.npz`` per chunk, each written atomically, and ``run.json`` describing the run (input
+    digests and options). A rerun with the same inputs and options resumes after the chunks
+    already there; with anything else it stops with an error rather than mix two runs."""
+
+    def __init__(self, out: Path, run: dict):
+        import json
+
+        self.folder = out.with_name(out.name + ".parts")
+        self.run = run
+        manifest = self.folder / "run.json"
+        if manifest.exists():
+            try:
+                old = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old != run:
+                raise CliError(f"--out {str(out)!r}: {str(self.folder)!r} holds the chunks of a run "
+                               "with other inputs or options; delete it to start again")
+        else:
+            from geodiff._cache import atomic_write
+
+            self.folder.mkdir(exist_ok=True)
+            atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
+
+    def _path(self, lo: int) -> Path:
+        return self.folder / f"fields-{lo:09d}.npz"
+
+    def done(self) -> int:
+        """The number of leading fields already written (chunk boundaries: 0, chunk, …)."""
+        lo, step = 0, self.run["chunk"]
+        while lo < self.run["fields"] and self._path(lo).exists():
+            lo += step
+        return min(lo, self.run["fields"])
+
+    def write(self, lo: int, hi: int, arrays: dict) -> None:
+        import json
+
+        from geodiff._cache import atomic_savez
+
+        atomic_savez(self._path(lo), meta=np.array(json.dumps({"start": lo, "stop": hi})),
+                     **{k: np.asarray(v) for k, v in arrays.items()})
+
+    def read(self) -> dict:
+        """Every chunk's arrays, joined along the field axis (axis 1 for quantiles and samples)."""
+        from geodiff._cache import read_npz
+
+        step, out = self.run["chunk"], {}
+        for lo in range(0, self.run["fields"], step):
+            try:
+                meta, arrays = read_npz(self._path(lo), "meta", "chunk of geodiff impute")
+            except ValueError as e:
+                raise CliError(f"{e}; delete {str(self.folder)!r} to start again") from None
+            hi = min(lo + step, self.run["fields"])
+            if meta != {"start": lo, "stop": hi}:
+                raise CliError(f"{str(self._path(lo))!r} holds fields {meta}, expected "
+                               f"{lo}–{hi - 1}; delete {str(self.folder)!r} to start again")
+            for k, v in arrays.items():
+                if k != "meta":
+                    out.setdefault(k, []).append(v)
+        return {k: np.concatenate(v, axis=1 if k in ("quantiles", "samples") else 0)
+                for k, v in out.items()}
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def plot(args) -> None:
@@ -347,7 +456,12 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--samples", type=int, default=128, help="samples per field (default 128)")
     i.add_argument("--quantiles", type=float, nargs="+", default=[0.05, 0.5, 0.95])
     i.add_argument("--keep-samples", action="store_true", help="also write the samples")
+    i.add_argument("--chunk", type=int, default=16,
+                   help="fields per compiled call (default 16; memory grows with it, not with "
+                        "the number of fields). Finished chunks are kept in OUT.parts/, so a "
+                        "run that is stopped resumes where it stopped")
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(run=impute)
 
     g = sub.add_parser("plot", formatter_class=fmt, help="map of a posterior file",

@@ -6,6 +6,8 @@
 * :func:`write_posterior` writes the posterior mean, std, quantiles and optionally the samples:
   netCDF with CF attributes for a lat-lon sphere, PLY vertex properties for a mesh. Every file
   is written atomically (a temporary file in the same folder, then a rename).
+  :func:`write_summary` writes the same file from summaries already computed (chunk by chunk
+  over a long archive: ``AmortizedSampler.iter_posterior``).
 
 Values are kept in the data's own units: the normalisation a prior was trained with is undone
 by the caller (the command line records it in the prior file, ``geodiff.cli``).
@@ -255,10 +257,6 @@ def write_posterior(path, manifold: Manifold, samples, *, meta: dict | None = No
             (0, 1), or a suffix that does not fit the manifold. OSError: the folder is not
             writable (nothing is left behind).
     """
-    from geodiff import __version__
-
-    path = Path(path)
-    meta = dict(meta or {})
     s = np.asarray(samples, np.float64)
     if s.ndim == 3:
         s = s[:, None]
@@ -268,18 +266,69 @@ def write_posterior(path, manifold: Manifold, samples, *, meta: dict | None = No
                          f"{np.shape(samples)}")
     if not np.isfinite(s).all():
         raise ValueError("samples contain NaN or infinite values")
+    q = _levels(quantiles)
+    return write_summary(path, manifold, s.mean(0), s.std(0, ddof=1),
+                         quantiles=np.quantile(s, q, axis=0) if q.size else None, levels=q,
+                         samples=s if keep_samples else None, meta=meta, history=history)
+
+
+def _levels(quantiles) -> np.ndarray:
     q = np.asarray(quantiles, float).reshape(-1)
     if q.size and not ((q > 0) & (q < 1)).all():
         raise ValueError(f"quantiles must lie in (0, 1), got {quantiles!r}")
+    return q
+
+
+def write_summary(path, manifold: Manifold, mean, std, *, quantiles=None, levels=(),
+                  samples=None, meta: dict | None = None, history: str | None = None) -> Path:
+    """Write posterior summaries already computed (what :func:`write_posterior` writes from
+    samples; the archive path of ``geodiff impute``, which summarizes chunk by chunk).
+
+    Args:
+        path, manifold, meta, history: as in :func:`write_posterior`.
+        mean, std: (T, V, 1) per-entry posterior mean and std, in the data's units.
+        quantiles: (Q, T, V, 1) posterior quantiles at ``levels`` (netCDF only), or None.
+        levels: the Q quantile levels in (0, 1).
+        samples: (S, T, V, 1) samples to write too (netCDF only), or None.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: arrays of the wrong shape or with non-finite values, levels outside (0, 1)
+            or not matching ``quantiles``, or a suffix that does not fit the manifold.
+        OSError: the folder is not writable (nothing is left behind).
+    """
+    from geodiff import __version__
+
+    path = Path(path)
+    meta = dict(meta or {})
+    V = manifold.n_vertices
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    if mean.ndim != 3 or mean.shape[1:] != (V, 1) or std.shape != mean.shape:
+        raise ValueError(f"mean and std must both have shape (T, {V}, 1), got {mean.shape} and "
+                         f"{std.shape}")
+    T = mean.shape[0]
+    q = _levels(levels)
+    if quantiles is not None:
+        quantiles = np.asarray(quantiles, np.float64)
+        if quantiles.shape != (q.size, T, V, 1):
+            raise ValueError(f"quantiles must have shape ({q.size}, {T}, {V}, 1) (one row per "
+                             f"level of levels), got {quantiles.shape}")
+    if samples is not None:
+        samples = np.asarray(samples, np.float64)
+        if samples.ndim != 4 or samples.shape[1:] != (T, V, 1):
+            raise ValueError(f"samples must have shape (S, {T}, {V}, 1), got {samples.shape}")
+    if not all(np.isfinite(a).all() for a in (mean, std, quantiles, samples) if a is not None):
+        raise ValueError("the posterior summaries contain NaN or infinite values")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     history = history or f"{stamp}: posterior written by geodiff {__version__}"
-    mean, std = s.mean(0), s.std(0, ddof=1)
     if isinstance(manifold, Sphere) and manifold.kind == "latlon":
         if path.suffix.lower() != ".nc":
             raise ValueError(f"path: a posterior on a lat-lon sphere is written as netCDF "
                              f"(.nc), got {str(path)!r}")
-        ds = _posterior_dataset(manifold, mean, std, np.quantile(s, q, axis=0) if q.size else None,
-                                q, s if keep_samples else None, meta, history)
+        ds = _posterior_dataset(manifold, mean, std, quantiles if q.size else None, q, samples,
+                                meta, history)
         atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
         return path
     if isinstance(manifold, Mesh):
@@ -362,4 +411,4 @@ def _write_ply(path, mesh: Mesh, mean, std):
     atomic_write(path, write)
 
 
-__all__ = ["read_field", "write_posterior"]
+__all__ = ["read_field", "write_posterior", "write_summary"]

@@ -111,7 +111,9 @@ def test_untrained_sampler_samples_its_base_exactly(grid, gprior, key):
     x = s.sample(jax.random.key(2), m, 4)
     assert x.shape == (4, 3, 20, 1)
     b = base_params(s.operator, m, s.surrogate)
-    z = jax.random.normal(jax.random.key(2), (12, 20, 1))
+    # measurement b's latents come from fold_in(key, b) alone (chunking does not change them)
+    z = jnp.stack([jax.random.normal(jax.random.split(jax.random.fold_in(jax.random.key(2), b))[0],
+                                     (4, 20, 1)) for b in range(3)], axis=1).reshape(12, 20, 1)
     rep = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (4, *a.shape)).reshape(12, *a.shape[1:]), b)
     want, _ = base_forward("selection", s.surrogate, None, rep, z)
     np.testing.assert_allclose(x, want.reshape(4, 3, 20, 1), atol=1e-5)

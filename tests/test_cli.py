@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from geodiff.cli import main
+import geodiff.cli
+from geodiff.cli import main, posterior_chunks
 
 NLAT, NLON = 12, 24                                   # a cell-centred 15° grid
 
@@ -94,12 +95,16 @@ def test_cli_end_to_end_and_bad_input(run, capsys, tmp_path):
     assert info["units"] == "K" and info["name"] == "tas"
     sphere, x, _ = read_field(d / "gappy.nc")
     meas = Mask(sampler.operator.sigma).on(sphere).observe((x - info["offset"]) / info["scale"])
+    (part,) = posterior_chunks(sampler, meas, 16, chunk=16, quantiles=(0.05, 0.95))
+    api_mean = info["offset"] + info["scale"] * np.asarray(part.mean, np.float64)
     draws = np.asarray(sampler.sample(jax.random.key(0), meas, 16), np.float64)
-    api_mean = (info["offset"] + info["scale"] * draws).mean(0)
     with xr.open_dataset(d / "post.nc") as post:
         mean = sphere.from_layout(post["tas_mean"].values[..., None])
-        # float32 draws of the same compiled program: equal up to the float64 mean of 16 of them
-        np.testing.assert_allclose(mean, api_mean, rtol=1e-12)
+        # the same compiled program as the API's, then the same float64 affine map
+        np.testing.assert_array_equal(mean, api_mean)
+        # and those are the API's draws (float32 means of 16 draws: rounding only)
+        np.testing.assert_allclose(mean, info["offset"] + info["scale"] * draws.mean(0),
+                                   rtol=0, atol=1e-5 * info["scale"])
         assert list(post.time.values) == list(pd.date_range("2011-08-01", periods=2, freq="D"))
         assert post["tas_mean"].attrs["units"] == "K"
         assert post["tas_quantile"].sizes["quantile"] == 2
@@ -112,6 +117,44 @@ def test_cli_end_to_end_and_bad_input(run, capsys, tmp_path):
         (tmp_path / sub).mkdir()
     check_bad_input_one_line_error_no_output(run, capsys, tmp_path / "a")
     check_error_exit_code_in_a_subprocess(run, tmp_path / "b")
+
+
+def test_impute_resumes_where_a_stopped_run_stopped(run, capsys, monkeypatch, tmp_path):
+    """A run stopped after its first chunk leaves that chunk in OUT.parts/; the rerun computes
+    only the rest and writes the same file as a run never stopped; a rerun with other options
+    is refused (one line, nothing written); a finished run leaves no parts folder."""
+    d, _ = run
+    args = ["impute", d / "gappy.nc", "--sampler", d / "sampler.npz", "--samples", 8, "--chunk",
+            1, "--keep-samples", "--quiet", "--out"]
+    assert main([str(a) for a in args + [tmp_path / "whole.nc"]]) == 0
+    assert not (tmp_path / "whole.nc.parts").exists()
+    real, starts = posterior_chunks, []
+
+    def stopped(*a, start=0, **kw):                 # the first chunk, then the user's Ctrl-C
+        it = real(*a, start=start, **kw)
+        yield next(it)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geodiff.cli, "posterior_chunks", stopped)
+    out = tmp_path / "resumed.nc"
+    with pytest.raises(KeyboardInterrupt):
+        main([str(a) for a in args + [out]])
+    assert not out.exists() and len(list((tmp_path / "resumed.nc.parts").glob("*.npz"))) == 1
+
+    def counted(*a, start=0, **kw):
+        starts.append(start)
+        return real(*a, start=start, **kw)
+
+    monkeypatch.setattr(geodiff.cli, "posterior_chunks", counted)
+    other = [str(a) for a in args + [out]]
+    other[other.index("--samples") + 1] = "16"
+    assert main(other) != 0
+    assert "other inputs or options" in capsys.readouterr().err and not out.exists()
+    assert main([str(a) for a in args + [out]]) == 0
+    assert starts == [1] and not (tmp_path / "resumed.nc.parts").exists()
+    with xr.open_dataset(tmp_path / "whole.nc") as a, xr.open_dataset(out) as b:
+        assert a.identical(b)
+        assert b["tas_samples"].sizes["realization"] == 8
 
 
 def _fails(capsys, argv, match, out):

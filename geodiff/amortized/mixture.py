@@ -283,19 +283,20 @@ def mixture_base_params(operator: LinearOperator, measurements: Measurement,
     return jax.lax.map(one, (measurements.y, measurements.mask))
 
 
-def mixture_draw(key, msur: MixtureSurrogate, b: dict, eps):
+def mixture_draw(key, msur: MixtureSurrogate, b: dict, eps, *, comp=None):
     """Draws of the mixture base: a component k ~ π(y) per draw, then x = m_k + L_k ε.
 
     Args:
-        key: PRNG key (component choice).
+        key: PRNG key (component choice; unused when ``comp`` is given).
         b: :func:`mixture_base_params` of the B measurements the draws belong to.
         eps: (B, V, C) the latent (N(0, τ²) for temperature τ).
+        comp: (B,) int, the components already drawn from π(y) (None: drawn here with ``key``).
 
     Returns:
         (B, V, C).
     """
     B, V, C = eps.shape
-    k = jax.random.categorical(key, b["logw"])                         # (B,)
+    k = jax.random.categorical(key, b["logw"]) if comp is None else comp   # (B,)
     comp_k = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), b["comp"])   # (K, B, ...)
     # every component's draw, then the chosen one: K× the flops of one, but no (B, D, R) gather
     # of the factors (memory stays O(K·B·D))

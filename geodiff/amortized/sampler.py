@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from geodiff._cache import atomic_savez, read_npz
+from geodiff.amortized import batch as _batch
 from geodiff.amortized import io as _io
 from geodiff.amortized.mixture import (MixtureSurrogate, check_mixture_operator, mixture_base_params,
                                        mixture_draw, mixture_log_prob, mixture_shared)
@@ -314,6 +315,7 @@ class AmortizedSampler:
         self._template = jax.eval_shape(lambda k: operator.measure(k, jnp.zeros((V, C))),
                                         jax.random.key(0))
         self._jit_sample = jax.jit(self._sample_impl, static_argnames=("n",))
+        self._jit_summary = jax.jit(self._summary_impl, static_argnames=("n", "quantiles", "keep"))
         self._jit_log_prob = jax.jit(self._log_prob_impl)
 
     # ------------------------------------------------------------------------ helpers
@@ -423,13 +425,14 @@ class AmortizedSampler:
         return b if self.centre == "mixture" else {k: v for k, v in b.items() if k != "std"}
 
     def _draw(self, flow, frozen, b: dict, c, z, key, *, encoded: bool = False,
-              log_q: bool = True):
+              log_q: bool = True, comp=None):
         """x = G(z; y) for latents z (B, V, C) ~ N(0, τ² I) of B measurements with bases ``b``
         (without ``std``) and conditions ``c``; returns ``(x, log q(x | y))`` ((B,) nats; None
-        with ``log_q=False``). ``key`` picks the mixture component (centre='mixture')."""
+        with ``log_q=False``). ``key`` picks the mixture component (centre='mixture'), unless
+        ``comp`` (B,) gives the components."""
         sur = frozen["sur"]
         if self.centre == "mixture":
-            xb = mixture_draw(key, frozen["mix"], b, z)
+            xb = mixture_draw(key, frozen["mix"], b, z, comp=comp)
             sd = sur.marginal_std
             v, ld = flow.forward((xb - sur.mean) / sd, c, encoded=encoded)
             x = sur.mean + sd * v
@@ -711,42 +714,148 @@ class AmortizedSampler:
         new.params = jax.tree.map(jnp.asarray, params)
         new.history = history
         new._jit_sample = jax.jit(new._sample_impl, static_argnames=("n",))
+        new._jit_summary = jax.jit(new._summary_impl, static_argnames=("n", "quantiles", "keep"))
+        new._sharded_programs = {}
         new._jit_log_prob = jax.jit(new._log_prob_impl)
         return new, history
 
     # ---------------------------------------------------------------------- inference
-    def _sample_impl(self, params, frozen, m: Measurement, key, n: int):
-        """(n, B, V, C) for a batched measurement (B,)."""
+    def _sample_impl(self, params, frozen, m: Measurement, key, first, n: int):
+        """(n, B, V, C) for a batched measurement (B,). Measurement b's draws come from
+        ``fold_in(key, first + b)`` alone, so a batch split into chunks (each passed its offset
+        ``first``) gives the same draws as the whole batch in one call."""
         B = m.y.shape[0]
         V, C = frozen["sur"].mean.shape
         b = self._base(frozen, m)
         c = self._features(frozen["sur"], m, b)
         b = self._strip(b)
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
-        k_z, k_k = jax.random.split(key) if self.centre == "mixture" else (key, None)
-        z = frozen["tau"] * jax.random.normal(k_z, (n * B, V, C))
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(B))
+        k_z, k_k = jax.vmap(jax.random.split, out_axes=1)(keys)        # (B,) each
+        z = jax.vmap(lambda k: jax.random.normal(k, (n, V, C)))(k_z)     # (B, n, V, C)
+        z = frozen["tau"] * jnp.swapaxes(z, 0, 1).reshape(n * B, V, C)
+        comp = None
+        if self.centre == "mixture":                                     # (n·B,) components
+            comp = jax.vmap(lambda k, lw: jax.random.categorical(k, lw, shape=(n,)))(
+                k_k, b["logw"]).T.reshape(n * B)
         rep = lambda a: jnp.broadcast_to(a[None], (n, *a.shape)).reshape(n * B, *a.shape[1:])  # noqa: E731
-        x, _ = self._draw(flow, frozen, jax.tree.map(rep, b), rep(flow.encode(c)), z, k_k,
-                          encoded=True, log_q=False)                 # the encoder once per y
+        x, _ = self._draw(flow, frozen, jax.tree.map(rep, b), rep(flow.encode(c)), z, None,
+                          encoded=True, log_q=False, comp=comp)      # the encoder once per y
         return x.reshape(n, B, V, C)
 
-    def sample(self, key, measurement: Measurement, n: int = 1):
+    def _summary_impl(self, params, frozen, m: Measurement, key, first, n: int,
+                      quantiles: tuple, keep: bool):
+        """Per-entry summaries of n draws per measurement (one compiled program per chunk):
+        ``mean``, ``std`` (ddof 1) (B, V, C), ``quantiles`` (Q, B, V, C) (linear interpolation,
+        NumPy's default), ``samples`` (n, B, V, C) with ``keep``."""
+        x = self._sample_impl(params, frozen, m, key, first, n)
+        return _batch.summarize(x, quantiles, keep=keep)
+
+    def _batched(self, measurement, name: str = "measurement"):
+        """(measurement with a batch axis, whether the input had one)."""
+        batch = self.check_measurement(measurement, name=name)
+        m = jax.tree.map(lambda a: jnp.asarray(a)[None] if not batch else jnp.asarray(a), measurement)
+        return m, bool(batch)
+
+    def sample(self, key, measurement: Measurement, n: int = 1, *, chunk: int | None = None,
+               progress: bool = False):
         """n posterior draws in one pass of the flow (plus the base's per-measurement solve).
+
+        Measurement b of a batch draws from ``fold_in(key, b)`` alone, so the result does not
+        depend on ``chunk`` or on the number of devices (up to float32 rounding of batched
+        matrix products), and a lone measurement draws what the first of a batch would.
 
         Args:
             key: PRNG key.
             measurement: one measurement (y (Vy, C)) or a batch (y (B, Vy, C)).
             n: samples per measurement (≥ 1).
+            chunk: measurements per compiled call (None: all B at once). The last chunk is padded
+                to full size, so one program serves every chunk; with several JAX devices each
+                chunk is split across them (``chunk`` is rounded up to a multiple of their
+                number). Peak memory of the draws is n·chunk·V·C floats, plus the result.
+            progress: a progress bar over the chunks.
 
         Returns:
             (n, V, C) for one measurement, (n, B, V, C) for a batch; normalized data units.
         """
         n = _check_int(n, "n")
-        batch = self.check_measurement(measurement)
-        m = jax.tree.map(lambda a: jnp.asarray(a)[None] if not batch else jnp.asarray(a), measurement)
-        # returned ready: concurrent LAPACK programs can deadlock XLA's CPU runtime
-        x = jax.block_until_ready(self._jit_sample(self.params, self._frozen(), m, key, n=n))
-        return x[:, 0] if not batch else x
+        m, batched = self._batched(measurement)
+        parts = [p.samples for p in self._chunks(key, m, n, chunk, (), True, 0, progress,
+                                                  "sample")]
+        x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        return x[:, 0] if not batched else x
+
+    def iter_posterior(self, key, measurement: Measurement, n: int = 128, *, chunk: int = 64,
+                       quantiles=(), keep_samples: bool = False, start: int = 0,
+                       progress: bool = False):
+        """Posterior summaries of a long batch of measurements, chunk by chunk (an iterator).
+
+        Memory stays bounded by ``chunk`` whatever the number B of measurements: each chunk's n
+        draws are summarized inside one compiled program and only the summaries come back (and
+        the draws with ``keep_samples``). Same draws as :meth:`sample` with the same key.
+
+        Args:
+            key: PRNG key.
+            measurement: a batch of B measurements (y (B, Vy, C)) or one measurement.
+            n: samples per measurement (≥ 2).
+            chunk: measurements per compiled call (rounded up to a multiple of the JAX device
+                count; each chunk is split across the devices).
+            quantiles: levels in (0, 1) to report (linear interpolation between order
+                statistics, as ``numpy.quantile``).
+            keep_samples: also return the draws.
+            start: skip the measurements before this index (resuming a long run: chunk
+                boundaries are ``start``, ``start + chunk``, …).
+            progress: a progress bar over the chunks.
+
+        Returns:
+            An iterator of :class:`~geodiff.amortized.batch.PosteriorChunk`, one per chunk of
+            measurements
+            ``start:stop``: ``mean`` and ``std`` (ddof 1) (b, V, C), ``quantiles`` (Q, b, V, C)
+            or None, ``samples`` (n, b, V, C) or None; NumPy float32, normalized data units.
+        """
+        n = _check_int(n, "n", 2)
+        q = _batch.check_quantiles(quantiles)
+        m, _ = self._batched(measurement)
+        B = m.y.shape[0]
+        if not isinstance(start, (int, np.integer)) or isinstance(start, bool) or not 0 <= start <= B:
+            raise ValueError(f"start must be an integer in [0, {B}], got {start!r}")
+        return (p.numpy() for p in self._chunks(key, m, n, _check_int(chunk, "chunk"), q,
+                                                bool(keep_samples), int(start), progress,
+                                                "posterior"))
+
+    def _chunks(self, key, m: Measurement, n: int, chunk, q: tuple, keep: bool, start: int,
+                progress: bool, desc: str):
+        """The chunk loop of :meth:`sample` (``q`` empty, draws only) and :meth:`iter_posterior`."""
+        from tqdm.auto import tqdm
+
+        B = m.y.shape[0]
+        devices = jax.devices()
+        size = B if chunk is None else _check_int(chunk, "chunk")
+        size = -(-size // len(devices)) * len(devices)
+        frozen, spans = self._frozen(), _batch.spans(B, size, start)
+        summary = desc == "posterior"
+        kw = {"quantiles": q, "keep": keep} if summary else {}
+        if len(devices) == 1:
+            run = self._jit_summary if summary else (
+                lambda *a, **k: {"samples": self._jit_sample(*a, **k)})
+        else:
+            run = self._sharded(summary, devices)
+        for lo, hi in tqdm(spans, disable=not progress, desc=desc, unit="chunk"):
+            mc = _batch.shard(_batch.take(m, lo, hi, size), devices)
+            # returned ready: concurrent LAPACK programs can deadlock XLA's CPU runtime
+            out = jax.block_until_ready(run(self.params, frozen, mc, key, jnp.int32(lo), n=n, **kw))
+            yield _batch.PosteriorChunk.of(lo, hi, out)
+
+    def _sharded(self, summary: bool, devices):
+        """The compiled chunk program split across ``devices`` (built once per device set)."""
+        cache = self.__dict__.setdefault("_sharded_programs", {})
+        k = (summary, tuple(d.id for d in devices))
+        if k not in cache:
+            impl = self._summary_impl if summary else (
+                lambda *a, **kw: {"samples": self._sample_impl(*a, **kw)})
+            cache[k] = _batch.on_devices(impl, devices, ("n", "quantiles", "keep") if summary
+                                         else ("n",))
+        return cache[k]
 
     def _log_prob_impl(self, params, frozen, m: Measurement, x):
         """x (S, B, V, C), m batched (B,) → (S, B)."""
@@ -783,10 +892,17 @@ class AmortizedSampler:
         out = jax.block_until_ready(self._jit_log_prob(self.params, self._frozen(), m, xs))
         return out.reshape(*lead, *batch)
 
-    def posterior(self, key, measurement: Measurement, n: int = 128):
-        """Posterior mean and std from n samples: ``(mean, std)``, each (V, C) or (B, V, C)."""
-        x = self.sample(key, measurement, n)
-        return x.mean(axis=0), x.std(axis=0)
+    def posterior(self, key, measurement: Measurement, n: int = 128, *, chunk: int | None = None,
+                  progress: bool = False):
+        """Posterior mean and std (ddof 1) from n samples: ``(mean, std)``, each (V, C) or
+        (B, V, C). ``chunk`` as in :meth:`iter_posterior` (None: all measurements at once); the
+        draws are :meth:`sample`'s with the same key."""
+        m, batched = self._batched(measurement)
+        parts = list(self.iter_posterior(key, m, n, chunk=chunk or m.y.shape[0],
+                                         progress=progress))
+        mean = np.concatenate([p.mean for p in parts])
+        std = np.concatenate([p.std for p in parts])
+        return (mean, std) if batched else (mean[0], std[0])
 
     def base_moments(self, measurement: Measurement):
         """The base's mean (the centre m(y)) and per-entry std at τ = 1, ``(mean, std)``, each
@@ -863,8 +979,8 @@ class AmortizedSampler:
         def cover(tau):
             fr = frozen | {"tau": jnp.float32(tau)}
             xs = np.concatenate([np.asarray(jax.block_until_ready(self._jit_sample(
-                self.params, fr, jax.tree.map(lambda a: a[sl], meas), k_z, n=n_samples)))
-                for sl in chunks], axis=1)                     # (n, N, V, C)
+                self.params, fr, jax.tree.map(lambda a: a[sl], meas), k_z, jnp.int32(sl.start),
+                n=n_samples))) for sl in chunks], axis=1)     # (n, N, V, C)
             return float(np.mean(coverage(xs, truth, level=level, weights=weights, where=where)))
 
         c_lo, c_hi = cover(lo), cover(hi)
