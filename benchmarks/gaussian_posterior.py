@@ -157,7 +157,8 @@ def matmul_peak_gflops() -> float:
 def sample_flops(sampler, meas1, n: int) -> float:
     """FLOPs of one ``sample`` call (XLA's cost analysis of the compiled program)."""
     m = jax.tree.map(lambda a: jnp.asarray(a)[None], meas1)
-    lowered = sampler._jit_sample.lower(sampler.params, sampler._frozen(), m, jax.random.key(0), n=n)
+    lowered = sampler._jit_sample.lower(sampler.params, sampler._frozen(), m, jax.random.key(0),
+                                        jnp.int32(0), n=n)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", float("nan")))

@@ -267,6 +267,28 @@ def test_aps_flow_cost_smoke(tmp_path, monkeypatch, bench_cache):
 
 
 @pytest.mark.slow
+def test_archive_throughput_smoke(tmp_path, monkeypatch, bench_cache, xla_optimized):
+    monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
+    result = load_script("archive_throughput").main(["--smoke", "--out", str(tmp_path / "out")])
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert {"machine", "versions", "matmul_peak_gflops", "seed", "data_source"} <= set(on_disk["meta"])
+    rows = on_disk["rows"]
+    assert {r["sampler"] for r in rows} == {"surrogate, spectral flow", "surrogate, ring-MLP flow",
+                                            "mixture K=2, spectral flow", "tweedie, spectral flow",
+                                            "tweedie, ring-MLP flow"}
+    for r in rows:
+        assert r["sample_1_s"] > 0 and r["sample_n_s"] > 0 and r["batch_per_field_s"] > 0
+        assert r["flops_batch"] > r["flops_n"] > r["flops_1"] > 0 and r["dps_s"] > 0
+    (arch,) = [r for r in rows if "fields_per_s" in r]
+    assert arch["archive_all_fields"] == 8 and arch["archive_quarter_fields"] == 2
+    assert arch["archive_all_peak_rss_mb"] >= arch["archive_quarter_peak_rss_mb"] > 0
+    assert "fields/s" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="n-archive"):
+        load_script("archive_throughput").main(["--smoke", "--n-archive", "2"])
+
+
+@pytest.mark.slow
 def test_prior_step_time_smoke(tmp_path):
     result = load_script("prior_step_time").main(["--smoke", "--json", str(tmp_path / "s.json")])
     assert {r["manifold"] for r in result["rows"]} == {"sphere 46x90", "bunny res3", "grid 32x32"}
