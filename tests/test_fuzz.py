@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from geodiff import AmortizedSampler, GaussianPrior, Grid, Mesh, Sphere
@@ -175,6 +175,29 @@ def test_sampler_entry_points(sampler, y, mask, x, n, steps, batch):
         attempt("sampler.fit(key, measurements, steps=, batch_size=)",
                 ["steps", "batch_size", "measurements"], s.fit, jax.random.key(0), good,
                 steps=steps, batch_size=batch, progress=False)
+
+
+ODD = st.sampled_from([1.5, "2", None, True, np.nan])
+
+
+@FUZZ
+@given(n=st.one_of(st.integers(-1, 4), ODD), chunk=st.one_of(st.integers(-1, 4), ODD),
+       start=st.one_of(st.integers(-1, 4), ODD),
+       quantiles=st.one_of(st.lists(st.one_of(st.floats(-0.5, 1.5), st.just(np.nan)), max_size=3),
+                           st.sampled_from([("a",), 0.5, None])))
+@example(n=3, chunk=2, start=1, quantiles=[0.1, 0.9])
+@example(n=2, chunk=4, start=0, quantiles=[])
+def test_chunked_posterior_entry_points(sampler, n, chunk, start, quantiles):
+    s, good = sampler
+    out = attempt("sampler.iter_posterior(key, measurements, n, chunk=, quantiles=, start=)",
+                  ["n", "chunk", "quantiles", "start"], s.iter_posterior, jax.random.key(0),
+                  good, n, chunk=chunk, quantiles=() if quantiles is None else quantiles,
+                  start=start)
+    if out is not None:                               # valid arguments: the chunks cover start:B
+        parts = list(out)
+        assert [p.start for p in parts][:1] in ([start], []) and (not parts or parts[-1].stop == 3)
+    attempt("sampler.sample(key, measurement, n, chunk=)", ["n", "chunk"], s.sample,
+            jax.random.key(0), good, 2, chunk=chunk)
 
 
 # ------------------------------------------------------------------------------- metrics
