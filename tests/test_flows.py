@@ -177,6 +177,32 @@ def test_condition_encoder_bad_input():
         flow.forward(jnp.zeros((2, 12, 1)), jnp.zeros((2, 12, 2)), encoded=True)
 
 
+@pytest.mark.parametrize("kw", [{}, {"local_hidden": 4},
+                                {"local_hidden": 4, "encoder_width": 4, "encoder_blocks": 1},
+                                {"conditioner": "dense"}], ids=["spectral", "ring", "encoder", "dense"])
+def test_prepared_condition_is_the_same_flow(kw, x64):
+    """forward/inverse with prepare(c) (the condition's share once per condition, n draws of
+    each) equal forward/inverse with c repeated per draw; a wrong row count is refused."""
+    flow = perturb(ConditionalRealNVP(Grid(4, 5), channels=1, condition_channels=4, n_steps=2,
+                                      hidden=8, n_eig=4, **kw))
+    rng = np.random.default_rng(1)
+    c = jnp.asarray(rng.normal(size=(3, 20, 4)))
+    z = jnp.asarray(rng.normal(size=(6, 20, 1)))          # 2 draws of each of 3 conditions
+    c_rep = jnp.concatenate([c, c])                       # row s·B + b ↦ condition b
+    prepared = flow.prepare(c)
+    x, ld = flow.forward(z, c_rep)
+    x_p, ld_p = flow.forward(z, prepared=prepared)
+    np.testing.assert_allclose(x_p, x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ld_p, ld, rtol=0, atol=1e-12)
+    z_p, ldi_p = flow.inverse(x, prepared=prepared)
+    np.testing.assert_allclose(z_p, z, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(ldi_p, -ld, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="n·B rows"):
+        flow.forward(z[:5], prepared=prepared)
+    with pytest.raises(ValueError, match="prepare"):
+        flow.forward(z, prepared=prepared[:-1])
+
+
 def test_each_layer_alone(x64):
     g = Grid(3, 4)
     valid = g.valid

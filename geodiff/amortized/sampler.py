@@ -425,34 +425,35 @@ class AmortizedSampler:
         return b if self.centre == "mixture" else {k: v for k, v in b.items() if k != "std"}
 
     def _draw(self, flow, frozen, b: dict, c, z, key, *, encoded: bool = False,
-              log_q: bool = True, comp=None):
+              log_q: bool = True, comp=None, prepared=None):
         """x = G(z; y) for latents z (B, V, C) ~ N(0, τ² I) of B measurements with bases ``b``
         (without ``std``) and conditions ``c``; returns ``(x, log q(x | y))`` ((B,) nats; None
         with ``log_q=False``). ``key`` picks the mixture component (centre='mixture'), unless
-        ``comp`` (B,) gives the components."""
+        ``comp`` (B,) gives the components. ``prepared``: the flow's :meth:`prepare` of the
+        distinct conditions (c unused; z may hold n draws of each)."""
         sur = frozen["sur"]
         if self.centre == "mixture":
             xb = mixture_draw(key, frozen["mix"], b, z, comp=comp)
             sd = sur.marginal_std
-            v, ld = flow.forward((xb - sur.mean) / sd, c, encoded=encoded)
+            v, ld = flow.forward((xb - sur.mean) / sd, c, encoded=encoded, prepared=prepared)
             x = sur.mean + sd * v
             return x, (mixture_log_prob(frozen["mix"], b, xb, frozen["tau"]) - ld) if log_q else None
-        u, ld = flow.forward(z, c, encoded=encoded)
+        u, ld = flow.forward(z, c, encoded=encoded, prepared=prepared)
         x, ld_base = base_forward(self.kind, sur, frozen["shared"], b, u)
         return x, (self._log_latent(z, frozen["tau"]) - ld - ld_base) if log_q else None
 
-    def _density(self, flow, frozen, b: dict, c, x, *, encoded: bool = False):
+    def _density(self, flow, frozen, b: dict, c, x, *, encoded: bool = False, prepared=None):
         """Exact log q(x | y) (B,) nats of signals x (B, V, C) of B measurements; also the
         latent's rms (a diagnostic: ≈ τ when the flow fits)."""
         sur = frozen["sur"]
         if self.centre == "mixture":
             sd = sur.marginal_std
-            w, ld_inv = flow.inverse((x - sur.mean) / sd, c, encoded=encoded)
+            w, ld_inv = flow.inverse((x - sur.mean) / sd, c, encoded=encoded, prepared=prepared)
             xb = sur.mean + sd * w
             return (mixture_log_prob(frozen["mix"], b, xb, frozen["tau"]) + ld_inv,
                     jnp.sqrt(jnp.mean(((xb - b["m0"]) / b["std"]) ** 2)))
         u, ld_base = base_inverse(self.kind, sur, frozen["shared"], b, x)
-        z, ld_inv = flow.inverse(u, c, encoded=encoded)
+        z, ld_inv = flow.inverse(u, c, encoded=encoded, prepared=prepared)
         return self._log_latent(z, frozen["tau"]) + ld_inv - ld_base, jnp.sqrt(jnp.mean(z**2))
 
     @staticmethod
@@ -739,8 +740,9 @@ class AmortizedSampler:
             comp = jax.vmap(lambda k, lw: jax.random.categorical(k, lw, shape=(n,)))(
                 k_k, b["logw"]).T.reshape(n * B)
         rep = lambda a: jnp.broadcast_to(a[None], (n, *a.shape)).reshape(n * B, *a.shape[1:])  # noqa: E731
-        x, _ = self._draw(flow, frozen, jax.tree.map(rep, b), rep(flow.encode(c)), z, None,
-                          encoded=True, log_q=False, comp=comp)      # the encoder once per y
+        # the condition's share of the flow once per y (flow.prepare), not once per draw
+        x, _ = self._draw(flow, frozen, jax.tree.map(rep, b), None, z, None, log_q=False,
+                          comp=comp, prepared=flow.prepare(c))
         return x.reshape(n, B, V, C)
 
     def _summary_impl(self, params, frozen, m: Measurement, key, first, n: int,
@@ -865,8 +867,8 @@ class AmortizedSampler:
         b = self._strip(b)
         rep = lambda a: jnp.broadcast_to(a[None], (S, *a.shape)).reshape(S * B, *a.shape[1:])  # noqa: E731
         flow = nnx.merge(self._graphdef, params, frozen["consts"])
-        log_q, _ = self._density(flow, frozen, jax.tree.map(rep, b), rep(flow.encode(c)),
-                                 x.reshape(S * B, V, C), encoded=True)
+        log_q, _ = self._density(flow, frozen, jax.tree.map(rep, b), None,
+                                 x.reshape(S * B, V, C), prepared=flow.prepare(c))
         return log_q.reshape(S, B)
 
     def log_prob(self, x, measurement: Measurement):
