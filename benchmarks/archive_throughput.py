@@ -71,7 +71,7 @@ class Config:
 
 
 MODES = {"full": Config(),
-         "quick": Config(n_archive=128, repeats=3, n_fit=1000, dps_steps=200),
+         "quick": Config(n_archive=128, batch=16, repeats=3, n_fit=1000, dps_steps=200),
          "smoke": Config(n_archive=8, chunk=4, n_samples=8, batch=4, n_fit=64, rank=8,
                          mixture_k=2, repeats=1, dps_steps=4, prior_mode="smoke", hidden=8,
                          couplings=1, n_eig=4, local_hidden=4)}
