@@ -448,9 +448,6 @@ class ConditionalRealNVP(nnx.Module):
         """
         if self.condition_channels == 0:
             raise ValueError("this flow is unconditional (condition_channels=0): nothing to prepare")
-        if not encoded:
-            self._check(jnp.zeros((condition.shape[0], self.n_vertices, self.channels)),
-                        condition, "z")
         c = self._prepare(jnp.zeros((condition.shape[0], self.n_vertices, self.channels)),
                           condition, "z", encoded)
         return [layer.conditioner.prepare(c) if isinstance(layer, AffineCoupling) else None
