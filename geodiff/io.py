@@ -285,11 +285,15 @@ def write_summary(path, manifold: Manifold, mean, std, *, quantiles=None, levels
     samples; the archive path of ``geodiff impute``, which summarizes chunk by chunk).
 
     Args:
-        path, manifold, meta, history: as in :func:`write_posterior`.
-        mean, std: (T, V, 1) per-entry posterior mean and std, in the data's units.
+        path: the file to write, as in :func:`write_posterior`.
+        manifold: the manifold the fields live on, as in :func:`write_posterior`.
+        mean: (T, V, 1) per-entry posterior mean, in the data's units.
+        std: (T, V, 1) per-entry posterior standard deviation, in the data's units.
         quantiles: (Q, T, V, 1) posterior quantiles at ``levels`` (netCDF only), or None.
         levels: the Q quantile levels in (0, 1).
         samples: (S, T, V, 1) samples to write too (netCDF only), or None.
+        meta: extra attributes, as in :func:`write_posterior`.
+        history: the file's history line, as in :func:`write_posterior`.
 
     Returns:
         The path written.
