@@ -323,7 +323,7 @@ def aps_rows(task, trained, info, meas, truth, manifold, *, seed: int, repeats: 
                           training_s=info["training_s"],
                           break_even_n=info["training_s"] / gain if gain and gain > 0 else None,
                           steps=info["steps"], train_measurements=info["train_measurements"],
-                          temperature=trained.temperature, **extra))
+                          temperature=trained.temperature, centre=trained.centre, **extra))
     return rows, mean, std, x1
 
 
@@ -377,6 +377,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--aps-encoder-width", type=int, default=None,
                    help="override the width of the flow's condition encoder (0: none); its "
                         "stages are cached beside the other variants', sharing the baselines")
+    p.add_argument("--aps-objectives", nargs="*", default=None,
+                   choices=["reverse", "pairs", "pairs+reverse"],
+                   help="override the mode's calibrated APS[objective,τ] rows (none: only the "
+                        "paper's APS rows); a full-mode run that must fit in a session")
     p.add_argument("--prior-t0", type=float, default=None,
                    help="use (and train if missing) priors with this VPSDE t0 instead of 1e-3; it "
                         "sets the ELBO's decoder noise, which APS trains against (docs/amortized.md)")
@@ -404,6 +408,8 @@ def main(doc: str, run, modes: dict, out: str, argv=None, *, tasks: tuple | None
         if args.aps_encoder_width < 0:
             raise SystemExit(f"--aps-encoder-width must be ≥ 0, got {args.aps_encoder_width}")
         cfg = dataclasses.replace(cfg, aps_encoder_width=args.aps_encoder_width)
+    if args.aps_objectives is not None:
+        cfg = dataclasses.replace(cfg, aps_objectives=tuple(args.aps_objectives))
     if tasks and args.tasks:
         cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks))
     result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
@@ -495,7 +501,7 @@ def _without(signals, drop):
 
 
 def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, gauss, stages: Stages,
-            aps_op=None, fit_set=None):
+            aps_op=None, fit_set=None, centre: str = "auto"):
     """Every method on one task: the same prior, measurements and machine.
 
     Args:
@@ -516,6 +522,9 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
             by EM to its first ``aps_mixture_n`` rows that are not calibration signals (default:
             ``train`` without them). Quick modes train APS on 500 signals: 8 components of rank
             64 on 400 signals overfit (bunny: 21.0 dB against 25.8 with 3,900).
+        centre: the ``centre`` of every APS sampler but the mixture rows (``"auto"``: Tweedie
+            for Denoise, else the surrogate; ``"pnp"``: the prior's plug-and-play estimate);
+            stages other than ``"auto"``'s are cached under their own names.
 
     Returns:
         (rows, estimates {method: (B, V, C)}, APS std (B, V, C), trained sampler, measurements).
@@ -575,7 +584,9 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         est[row["method"]] = arrays["est"]
 
     the_op = op if aps_op is None else aps_op
-    sampler = make_aps(s, manifold, prior, the_op, gauss)
+    sampler = make_aps(s, manifold, prior, the_op, gauss, centre=centre)
+    if centre != "auto":
+        key = f"{key}-{centre}"         # the APS stages below; the baselines' are shared
     trained, info, _ = train_aps(s, sampler, train, stages, f"{key}-APS")
     def go():
         aps, mean_, std, x1 = aps_rows(task, trained, info, meas, test, manifold, seed=s.seed,
@@ -595,7 +606,7 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
             model, obj_info = trained, info
         else:
             model, obj_info = fit_aps(
-                make_aps(s, manifold, prior, the_op, gauss),
+                make_aps(s, manifold, prior, the_op, gauss, centre=centre),
                 None if objective == "pairs" else the_op.measure(jax.random.key(s.seed + 101), train),
                 steps=s.aps_steps, batch_size=s.aps_batch, learning_rate=s.aps_lr, seed=s.seed,
                 stages=stages, stage=f"{key}-APS-{objective}{aps_tag(s)}",

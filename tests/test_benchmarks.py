@@ -151,6 +151,8 @@ def test_image_inverse_smoke(tmp_path, monkeypatch, bench_cache):
     assert methods_by_task(on_disk["rows"]) == {"grid denoise σ=0.1": common | {"Noise2Score"},
                                                 "grid SR×2, σ=0.05": common}
     assert all(0 < r["ssim"] <= 1 for r in on_disk["rows"])
+    centres = {r["task"]: r["centre"] for r in on_disk["rows"] if r["method"].startswith("APS")}
+    assert centres == {"grid denoise σ=0.1": "tweedie", "grid SR×2, σ=0.05": "pnp"}
     for task in ("denoise", "sr2"):
         assert (tmp_path / f"sampler-{task}.npz").exists()
         assert (tmp_path / "out" / f"{task}.png").stat().st_size > 0
@@ -489,3 +491,12 @@ def test_aps_design_smoke(tmp_path, monkeypatch, bench_cache):
             assert (r["chosen"] is None) == (r["objective"] == "none")
             assert r["chosen"] in (None, "initial", "pairs", "reverse")
     assert (tmp_path / "results.md").read_text().startswith("# APS design table")
+
+
+@pytest.mark.slow
+def test_pnp_centre_smoke(tmp_path, monkeypatch, bench_cache):
+    monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
+    rows = load_script("pnp_centre").main(["--smoke", "--out", str(tmp_path)])
+    assert rows[0]["method"].startswith("kriging") and len(rows) == 5
+    assert all(np.isfinite(r["psnr"]) and r["n_eval"] == 4 for r in rows)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))

@@ -5,7 +5,10 @@ The sampler draws ``x = m(y) + L₀(y)·G_φ(z; c(y))``, ``z ~ N(0, τ² I)``:
 
 * ``m``: the centre, the prior's best one-pass estimate: the Tweedie (Noise2Score) posterior mean
   of the prior for :class:`~geodiff.operators.Denoise` (``centre="tweedie"``), or the exact
-  posterior mean m₀ of a Gaussian *surrogate* of the prior (kriging; ``centre="surrogate"``);
+  posterior mean m₀ of a Gaussian *surrogate* of the prior (kriging; ``centre="surrogate"``),
+  or K plug-and-play steps from m₀ that alternate the prior's Tweedie denoiser with an exact
+  data-consistency step (``centre="pnp"``; any linear operator, K network evaluations per
+  measurement, docs/amortized.md);
 * ``L₀``: a square root of the surrogate's posterior covariance (:mod:`geodiff.amortized.surrogate`);
 * ``G_φ``: a :class:`~geodiff.flows.ConditionalRealNVP` on the whitened coordinates, conditioned on
   ``c(y)`` = [(m − μ)/s, Aᵀ(y − Aμ)/s, mask, sd₀/s] (μ, s the surrogate's prior mean and std, sd₀
@@ -64,7 +67,7 @@ from geodiff.train import fit as _fit
 
 FORMAT_VERSION = 2
 PRIOR_TERMS = ("elbo", "exact")
-CENTRES = ("auto", "surrogate", "tweedie", "mixture")
+CENTRES = ("auto", "surrogate", "tweedie", "pnp", "mixture")
 OBJECTIVES = ("reverse", "pairs", "pairs+reverse")
 
 
@@ -132,7 +135,12 @@ class AmortizedSampler:
             posterior mean (kriging). ``"mixture"``: the exact posterior of a Gaussian-*mixture*
             surrogate (``mixture``; a multimodal base with closed-form weights, masks and
             Denoise only); the flow then acts on the standardized signal (x − μ)/s after the
-            base draw. ``"auto"`` (default): Tweedie for Denoise, else the surrogate.
+            base draw. ``"pnp"``: ``pnp_steps`` plug-and-play (half-quadratic splitting) steps
+            from the surrogate's posterior mean, each a Tweedie denoising of the prior at noise
+            ratio ρ_k followed by the exact data-consistency step argmin_x ‖A x − y‖²/σ² +
+            ‖x − x̂_k‖²/ρ_k² (``pnp_cg`` conjugate-gradient iterations); any linear operator,
+            K network evaluations per measurement, not per sample; the base's spread stays the
+            surrogate posterior's. ``"auto"`` (default): Tweedie for Denoise, else the surrogate.
         temperature: τ > 0, std of the flow's latent z (1: untempered; set by :meth:`calibrate`).
         prior_term: ``"elbo"`` (the method: the diffusion ELBO b(x) with ``n_t`` stratified
             draws) or ``"exact"`` (``prior.log_prob``, for analytic priors; for studies).
@@ -145,6 +153,13 @@ class AmortizedSampler:
         mixture: with ``centre="mixture"``, a :class:`MixtureSurrogate`, or None to fit one by EM
             (``mixture_components`` components of rank ``mixture_rank``) to the same prior samples
             as the Gaussian surrogate (``surrogate`` must then be samples or None).
+        pnp_steps: K, plug-and-play steps of ``centre="pnp"``.
+        pnp_noise: (ρ_max, ρ_min), the first and last noise ratios σ_t/α_t of the ``"pnp"``
+            steps (geometric in between), in the data's units; both inside the prior's noise
+            range and ρ_max ≥ ρ_min > 0. None: ``(s̄, 0.4 σ)`` with s̄ the rms of the
+            surrogate's prior std and σ the operator's noise std.
+        pnp_cg: conjugate-gradient iterations of each ``"pnp"`` data-consistency step (exact
+            after 2 for masks and Denoise).
         mixture_components: K, components of the fitted mixture.
         mixture_rank: R, rank of each fitted component.
         n_t: (t, ε) draws per signal of the ELBO (``prior_term="elbo"``).
@@ -171,7 +186,9 @@ class AmortizedSampler:
         n_t: as given.
         antithetic: as given.
         prior_weight: as given.
-        centre: the resolved centre, ``"tweedie"``, ``"surrogate"`` or ``"mixture"``.
+        centre: the resolved centre, ``"tweedie"``, ``"surrogate"``, ``"pnp"`` or ``"mixture"``.
+        pnp: with ``centre="pnp"``, ``{"steps": K, "noise": (ρ_max, ρ_min), "cg": iterations}``
+            (else None).
         mixture: the :class:`MixtureSurrogate` (centre="mixture"; else None).
         temperature: τ.
         history: the training history of the latest :meth:`fit` (None before).
@@ -184,6 +201,7 @@ class AmortizedSampler:
                  flow: ConditionalRealNVP | None = None, centre: str = "auto",
                  temperature: float = 1.0, prior_term: str = "elbo", surrogate=None,
                  surrogate_samples: int = 2048, surrogate_rank: int = 256, mixture=None,
+                 pnp_steps: int = 8, pnp_noise: tuple[float, float] | None = None, pnp_cg: int = 32,
                  mixture_components: int = 4, mixture_rank: int = 32, n_t: int = 4,
                  antithetic: bool = True, prior_weight: float = 1.0, n_steps: int = 8,
                  conditioner: str = "spectral",
@@ -215,9 +233,10 @@ class AmortizedSampler:
             raise ValueError(f"centre='tweedie' needs a Denoise operator (Tweedie's formula gives "
                              f"E[x | y] for y = x + noise), got {type(operator).__name__}; use "
                              "centre='surrogate'")
-        if centre == "mixture":
-            check_mixture_operator(operator)
-            self.centre = "mixture"
+        if centre in ("mixture", "pnp"):
+            if centre == "mixture":
+                check_mixture_operator(operator)
+            self.centre = centre
         else:
             self.centre = "tweedie" if (centre == "tweedie" or (centre == "auto" and is_denoise)) \
                 else "surrogate"
@@ -271,6 +290,9 @@ class AmortizedSampler:
             raise ValueError(f"surrogate.mean must have shape ({V}, {C}), got {surrogate.mean.shape}")
         self.surrogate = surrogate
         self.mixture = self._mshared = None
+        self.pnp = None
+        if self.centre == "pnp":
+            self.pnp = self._check_pnp(pnp_steps, pnp_noise, pnp_cg)
         if self.centre == "mixture":
             if mixture is None:
                 if samples is None:
@@ -317,6 +339,65 @@ class AmortizedSampler:
         self._jit_sample = jax.jit(self._sample_impl, static_argnames=("n",))
         self._jit_summary = jax.jit(self._summary_impl, static_argnames=("n", "quantiles", "keep"))
         self._jit_log_prob = jax.jit(self._log_prob_impl)
+
+    def _check_pnp(self, steps, noise, cg) -> dict:
+        """Validate the ``"pnp"`` settings; the default noise range from the surrogate."""
+        steps, cg = _check_int(steps, "pnp_steps"), _check_int(cg, "pnp_cg")
+        if noise is None:
+            s_bar = float(jnp.sqrt(jnp.mean(self.surrogate.marginal_std ** 2)))
+            noise = (s_bar, 0.4 * self.operator.sigma)
+        try:
+            hi, lo = (float(v) for v in noise)
+        except (TypeError, ValueError):
+            raise ValueError(f"pnp_noise must be a pair (ρ_max, ρ_min) of numbers, got {noise!r}") \
+                from None
+        sde = self.prior.sde
+        lam_lo, lam_hi = float(sde.noise_ratio(sde.t0)), float(sde.noise_ratio(1.0))
+        if not (math.isfinite(hi) and math.isfinite(lo) and 0 < lo <= hi):
+            raise ValueError(f"pnp_noise must satisfy ρ_max ≥ ρ_min > 0, got {noise!r}")
+        if lo < lam_lo or hi > lam_hi:
+            raise ValueError(f"pnp_noise = ({hi:.4g}, {lo:.4g}) must lie inside the prior's noise "
+                             f"range [{lam_lo:.4g}, {lam_hi:.4g}] (σ_t/α_t at t0 and 1)")
+        # the schedule as Python numbers (t_k, α_k, ρ_k), computed here, outside any trace
+        rhos = np.geomspace(hi, lo, steps)
+        ts = [float(sde.t_from_noise_ratio(r)) for r in rhos]
+        self._pnp_schedule = [(t, float(sde.alpha(t)), float(r)) for t, r in zip(ts, rhos)]
+        return {"steps": steps, "noise": (hi, lo), "cg": cg}
+
+    def _pnp_centre(self, m: Measurement, start):
+        """K plug-and-play steps from ``start`` (B, V, C): x̂_k = Tweedie denoising at noise
+        ratio ρ_k of the current iterate, then the exact data-consistency step
+        argmin_x ‖A x − y‖²/σ² + ‖x − x̂_k‖²/ρ_k² (conjugate gradients); returns (B, V, C)."""
+        op = self.operator
+        s2 = op.sigma ** 2
+        aty = op.adjoint(m.y, m)
+
+        def dot(a, b):
+            return jnp.sum(a * b, axis=(-2, -1), keepdims=True)
+
+        x = start
+        for t, a, rho in self._pnp_schedule:
+            xhat = self.prior.denoise(a * x, t).astype(start.dtype)
+            w = rho ** 2 / s2                  # (w AᵀA + I) x = w Aᵀy + x̂
+
+            def apply(v, w=w):
+                return w * op.adjoint(op.forward(v, m), m) + v
+
+            x = xhat
+            r = w * aty + xhat - apply(x)
+            p, rr = r, dot(r, r)
+
+            def body(_, state, apply=apply):
+                x, r, p, rr = state
+                ap = apply(p)
+                alpha = rr / jnp.maximum(dot(p, ap), jnp.finfo(p.dtype).tiny)
+                x, r = x + alpha * p, r - alpha * ap
+                rr_new = dot(r, r)
+                p = r + rr_new / jnp.maximum(rr, jnp.finfo(p.dtype).tiny) * p
+                return x, r, p, rr_new
+
+            x = jax.lax.fori_loop(0, self.pnp["cg"], body, (x, r, p, rr))[0]
+        return x
 
     # ------------------------------------------------------------------------ helpers
     def __repr__(self) -> str:
@@ -416,6 +497,8 @@ class AmortizedSampler:
             t = self._t_star
             b["m0"] = jax.lax.stop_gradient(
                 self.prior.denoise(self.prior.sde.alpha(t) * m.y, t).astype(b["m0"].dtype))
+        elif self.centre == "pnp":
+            b["m0"] = jax.lax.stop_gradient(self._pnp_centre(m, b["m0"]))
         b["std"] = base_std(self.kind, frozen["sur"], frozen["shared"], b)
         return b
 
@@ -739,11 +822,18 @@ class AmortizedSampler:
         if self.centre == "mixture":                                     # (n·B,) components
             comp = jax.vmap(lambda k, lw: jax.random.categorical(k, lw, shape=(n,)))(
                 k_k, b["logw"]).T.reshape(n * B)
-        rep = lambda a: jnp.broadcast_to(a[None], (n, *a.shape)).reshape(n * B, *a.shape[1:])  # noqa: E731
         # the condition's share of the flow once per y (flow.prepare), not once per draw
-        x, _ = self._draw(flow, frozen, jax.tree.map(rep, b), None, z, None, log_q=False,
-                          comp=comp, prepared=flow.prepare(c))
-        return x.reshape(n, B, V, C)
+        prepared = flow.prepare(c)
+        if self.centre == "mixture":
+            rep = lambda a: jnp.broadcast_to(a[None], (n, *a.shape)).reshape(n * B, *a.shape[1:])  # noqa: E731
+            x, _ = self._draw(flow, frozen, jax.tree.map(rep, b), None, z, None, log_q=False,
+                              comp=comp, prepared=prepared)
+            return x.reshape(n, B, V, C)
+        # the base's factors once per y too: the n draws of a measurement share them (a batched
+        # product over B), instead of n copies of each (R, R) factor
+        u, _ = flow.forward(z, None, prepared=prepared)
+        return jax.vmap(lambda v: base_forward(self.kind, frozen["sur"], frozen["shared"], b, v)[0]
+                        )(u.reshape(n, B, V, C))
 
     def _summary_impl(self, params, frozen, m: Measurement, key, first, n: int,
                       quantiles: tuple, keep: bool):
@@ -1014,7 +1104,7 @@ class AmortizedSampler:
         meta = {"format": FORMAT_VERSION, "class": "AmortizedSampler", "manifold_spec": spec,
                 "manifold": repr(self.manifold), "prior": pmeta,
                 "operator": _io.operator_spec(self.operator), "prior_term": self.prior_term,
-                "centre": self.centre, "temperature": self.temperature,
+                "centre": self.centre, "pnp": self.pnp, "temperature": self.temperature,
                 "calibration": getattr(self, "calibration", None),
                 "n_t": self.n_t, "antithetic": self.antithetic, "prior_weight": self.prior_weight,
                 "flow": self.flow_config, "geodiff_version": _version()}
@@ -1051,7 +1141,11 @@ class AmortizedSampler:
                                   for k in ("mean", "factor", "nugget", "log_weights")))
                if meta["centre"] == "mixture" else None)
         fc = meta["flow"]
+        pnp = meta.get("pnp") or {}
+        pnp = ({"pnp_steps": pnp["steps"], "pnp_noise": tuple(pnp["noise"]), "pnp_cg": pnp["cg"]}
+               if pnp else {})
         out = cls(manifold, prior, operator, centre=meta["centre"], temperature=meta["temperature"],
+                  **pnp,
                   prior_term=meta["prior_term"], surrogate=sur, mixture=mix,
                   n_t=meta["n_t"], antithetic=meta["antithetic"], prior_weight=meta["prior_weight"],
                   flow=ConditionalRealNVP(manifold, channels=prior.channels,
