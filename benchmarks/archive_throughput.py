@@ -59,6 +59,8 @@ class Config:
     batch: int = 64              # measurements of the batched-latency row
     n_fit: int = 2000            # signals of the Gaussian fit (and the EM fit of the mixture)
     rank: int = 256
+    low_rank: int = 128          # a sphere variant with this surrogate rank (0: none); kriging
+                                 # loses 0.003 dB at 128 (benchmarks/surrogate_rank.py)
     mixture_k: int = 4
     repeats: int = 5
     dps_steps: int = 1000
@@ -74,7 +76,7 @@ MODES = {"full": Config(),
          "quick": Config(n_archive=128, batch=16, repeats=3, n_fit=1000, dps_steps=200),
          "smoke": Config(n_archive=8, chunk=4, n_samples=8, batch=4, n_fit=64, rank=8,
                          mixture_k=2, repeats=1, dps_steps=4, prior_mode="smoke", hidden=8,
-                         couplings=1, n_eig=4, local_hidden=4)}
+                         couplings=1, n_eig=4, local_hidden=4, low_rank=4)}
 
 
 def matmul_peak_gflops() -> float:
@@ -123,6 +125,11 @@ def variants(cfg: Config, op, fit, gauss):
     out = [(f"{centre}, spectral flow", dict(surrogate=sur, centre=centre, **size)),
            (f"{centre}, ring-MLP flow", dict(surrogate=sur, centre=centre, **size,
                                              local_hidden=cfg.local_hidden))]
+    if isinstance(op, RandomMask) and cfg.low_rank:
+        low = GaussianSurrogate(*(np.asarray(a, np.float32)
+                                  for a in gaussian_fit(fit, rank=cfg.low_rank)))
+        out.append((f"{centre} R={cfg.low_rank}, spectral flow",
+                    dict(surrogate=low, centre=centre, **size)))
     if isinstance(op, RandomMask) and cfg.mixture_k:
         mix = MixtureSurrogate.fit(fit, components=cfg.mixture_k,
                                    rank=min(cfg.rank, len(fit) - 1), seed=0)

@@ -277,6 +277,7 @@ def test_archive_throughput_smoke(tmp_path, monkeypatch, bench_cache, xla_optimi
     assert {"machine", "versions", "matmul_peak_gflops", "seed", "data_source"} <= set(on_disk["meta"])
     rows = on_disk["rows"]
     assert {r["sampler"] for r in rows} == {"surrogate, spectral flow", "surrogate, ring-MLP flow",
+                                            "surrogate R=4, spectral flow",
                                             "mixture K=2, spectral flow", "tweedie, spectral flow",
                                             "tweedie, ring-MLP flow"}
     for r in rows:
@@ -499,4 +500,14 @@ def test_pnp_centre_smoke(tmp_path, monkeypatch, bench_cache):
     rows = load_script("pnp_centre").main(["--smoke", "--out", str(tmp_path)])
     assert rows[0]["method"].startswith("kriging") and len(rows) == 5
     assert all(np.isfinite(r["psnr"]) and r["n_eval"] == 4 for r in rows)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+@pytest.mark.slow
+def test_surrogate_rank_smoke(tmp_path, monkeypatch, bench_cache):
+    monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
+    rows = load_script("surrogate_rank").main(["--smoke", "--out", str(tmp_path)])
+    assert [r["rank"] for r in rows] == [16, 32]
+    assert all(np.isfinite(r["kriging_psnr"]) and r["gflop_1_sample"] > 0 for r in rows)
+    assert rows[1]["gflop_1_sample"] > rows[0]["gflop_1_sample"]      # the base solve is O(D R²)
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
