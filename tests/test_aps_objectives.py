@@ -268,3 +268,5 @@ def test_pnp_settings_are_checked_and_saved(grid, prior, tmp_path):
                        ({"pnp_steps": 0}, "pnp_steps"), ({"pnp_cg": 1.5}, "pnp_cg")):
         with pytest.raises(ValueError, match=match):
             small(grid, prior, op, surrogate=surrogate(prior), centre="pnp", **bad)
+    with pytest.raises(ValueError, match="centre='pnp' only"):
+        small(grid, prior, op, surrogate=surrogate(prior), pnp_noise=(0.3, 0.04))

@@ -293,6 +293,9 @@ class AmortizedSampler:
         self.pnp = None
         if self.centre == "pnp":
             self.pnp = self._check_pnp(pnp_steps, pnp_noise, pnp_cg)
+        elif (pnp_steps, pnp_noise, pnp_cg) != (8, None, 32):
+            raise ValueError(f"pnp_steps, pnp_noise and pnp_cg are used with centre='pnp' only, "
+                             f"not centre={centre!r}")
         if self.centre == "mixture":
             if mixture is None:
                 if samples is None:
