@@ -381,6 +381,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    choices=["reverse", "pairs", "pairs+reverse"],
                    help="override the mode's calibrated APS[objective,τ] rows (none: only the "
                         "paper's APS rows); a full-mode run that must fit in a session")
+    p.add_argument("--fpy-n", type=int, default=None,
+                   help="override the number of signals FlowPerY runs on (0: no FlowPerY row)")
     p.add_argument("--prior-t0", type=float, default=None,
                    help="use (and train if missing) priors with this VPSDE t0 instead of 1e-3; it "
                         "sets the ELBO's decoder noise, which APS trains against (docs/amortized.md)")
@@ -408,6 +410,10 @@ def main(doc: str, run, modes: dict, out: str, argv=None, *, tasks: tuple | None
         if args.aps_encoder_width < 0:
             raise SystemExit(f"--aps-encoder-width must be ≥ 0, got {args.aps_encoder_width}")
         cfg = dataclasses.replace(cfg, aps_encoder_width=args.aps_encoder_width)
+    if args.fpy_n is not None:
+        if args.fpy_n < 0:
+            raise SystemExit(f"--fpy-n must be ≥ 0, got {args.fpy_n}")
+        cfg = dataclasses.replace(cfg, fpy_n=args.fpy_n)
     if args.aps_objectives is not None:
         cfg = dataclasses.replace(cfg, aps_objectives=tuple(args.aps_objectives))
     if tasks and args.tasks:

@@ -511,3 +511,24 @@ def test_surrogate_rank_smoke(tmp_path, monkeypatch, bench_cache):
     assert all(np.isfinite(r["kriging_psnr"]) and r["gflop_1_sample"] > 0 for r in rows)
     assert rows[1]["gflop_1_sample"] > rows[0]["gflop_1_sample"]      # the base solve is O(D R²)
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_shared_flags_override_the_mode(tmp_path):
+    """--aps-objectives and --fpy-n replace the mode's settings (a full run that must fit in a
+    session); bad values stop with the flag's name."""
+    common = load_script("_common")
+    seen = []
+
+    def run(cfg, out, **kw):
+        seen.append(cfg)
+        return {"meta": {}, "rows": []}
+
+    modes = {"full": common.Settings(), "quick": common.Settings(), "smoke": common.Settings()}
+    common.main("doc", run, modes, str(tmp_path), argv=["--aps-objectives", "reverse", "--fpy-n", "0"])
+    assert seen[-1].aps_objectives == ("reverse",) and seen[-1].fpy_n == 0
+    common.main("doc", run, modes, str(tmp_path), argv=["--aps-objectives"])
+    assert seen[-1].aps_objectives == () and seen[-1].fpy_n == modes["full"].fpy_n
+    with pytest.raises(SystemExit, match="fpy-n"):
+        common.main("doc", run, modes, str(tmp_path), argv=["--fpy-n", "-1"])
+    with pytest.raises(SystemExit):
+        common.main("doc", run, modes, str(tmp_path), argv=["--aps-objectives", "forward"])
