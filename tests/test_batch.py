@@ -180,3 +180,31 @@ def test_memory_is_set_by_the_chunk_not_by_the_number_of_measurements():
         return int(res.stdout.split("PEAK-KB")[1]) * 1024
     small, large = peak(32), peak(384)
     assert large - small < 30e6, (small, large)
+
+
+@pytest.mark.parametrize("centre", ["surrogate", "mixture"])
+def test_draws_sharing_the_base_equal_the_per_draw_path(x64, centre):
+    """sample() gives the n draws of a measurement one copy of its base factors (a batched
+    product); each draw equals the training path's ``_draw`` (whose log q is the exact
+    change of variables) on the same latent and mixture component, with the base copied."""
+    from flax import nnx
+
+    s, m = _case(centre, n_meas=3)
+    n, key = 4, jax.random.key(5)
+    xs = np.asarray(s.sample(key, m, n))                                # (n, B, V, C)
+    frozen = s._frozen()
+    mj = jax.tree.map(jnp.asarray, m)
+    b = s._base(frozen, mj)
+    c = s._features(frozen["sur"], mj, b)
+    b = s._strip(b)
+    flow = nnx.merge(s._graphdef, s.params, frozen["consts"])
+    B, (V, C) = 3, frozen["sur"].mean.shape
+    for i in range(B):
+        k_z, k_k = jax.random.split(jax.random.fold_in(key, i))
+        z = frozen["tau"] * jax.random.normal(k_z, (n, V, C))
+        comp = (jax.random.categorical(k_k, b["logw"][i], shape=(n,)) if centre == "mixture"
+                else None)
+        bi = jax.tree.map(lambda a: jnp.broadcast_to(a[i], (n, *a.shape[1:])), b)
+        ci = jnp.broadcast_to(c[i], (n, *c.shape[1:]))
+        want, _ = s._draw(flow, frozen, bi, ci, z, None, log_q=False, comp=comp)
+        np.testing.assert_allclose(xs[:, i], np.asarray(want), rtol=0, atol=1e-10)

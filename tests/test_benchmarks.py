@@ -532,3 +532,19 @@ def test_shared_flags_override_the_mode(tmp_path):
         common.main("doc", run, modes, str(tmp_path), argv=["--fpy-n", "-1"])
     with pytest.raises(SystemExit):
         common.main("doc", run, modes, str(tmp_path), argv=["--aps-objectives", "forward"])
+
+
+def test_ring_mean_cost_smoke(tmp_path):
+    """Both paths of the ring mean are timed on every shape and agree (they apply one operator);
+    the recorded choice is ring_mean's rule."""
+    result = load_script("ring_mean_cost").main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "results.json").exists()
+    rows = result["rows"]
+    assert [(r["B"], r["W"]) for r in rows] == [(1, 1), (16, 1), (2, 32)]
+    assert [r["chosen"] for r in rows] == ["gather", "sparse", "gather"]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("gather_fwd_ms", "sparse_fwd_ms", "gather_fwd_bwd_ms",
+                                      "sparse_fwd_bwd_ms"))
+        assert r["max_abs_diff"] < 1e-5
+    with pytest.raises(SystemExit, match="--repeats must be ≥ 1"):
+        load_script("ring_mean_cost").main(["--smoke", "--repeats", "0", "--out", str(tmp_path)])

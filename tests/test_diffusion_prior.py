@@ -248,6 +248,55 @@ def test_ring_table_transpose_and_ring_mean_gradient(name, x64):
                                                           t.index, t.weight))(h), atol=1e-6)
 
 
+def _csr_dense(data, indices, indptr, V):
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((np.asarray(data), np.asarray(indices), np.asarray(indptr)),
+                         shape=(V, V)).toarray()
+
+
+@pytest.mark.parametrize("name", ["sphere", "mesh", "padded"])
+def test_ring_mean_sparse_and_gather_paths_apply_the_same_operator(name, x64):
+    """Both ways ring_mean applies the operator A — per-slot gathers (wide activations, small
+    batches) and the compressed-sparse-row product (narrow activations with many columns, a
+    flow's samples) — equal the dense A h, their backward passes Aᵀ g, also under vmap (whose
+    batching folds the draws into the batch, which switches the path) and to second order (a
+    Hessian-vector product, the backward pass being differentiable in turn)."""
+    from geodiff import Mesh
+    from geodiff.diffusion import network
+    from geodiff.diffusion.network import ring_mean, ring_table
+
+    m = {"sphere": lambda: Sphere.latlon(6, 8), "mesh": lambda: Mesh.bunny(4),
+         "padded": lambda: Grid(3, 4).padded(14)}[name]()
+    V = m.n_vertices
+    t = ring_table(m.laplacian, np.asarray(m.valid))
+    A = _dense(t.index, t.weight, V)
+    np.testing.assert_allclose(_csr_dense(t.csr_data, t.csr_indices, t.csr_indptr, V), A, atol=1e-7)
+    np.testing.assert_allclose(_csr_dense(t.csr_t_data, t.csr_t_indices, t.csr_t_indptr, V), A.T,
+                               atol=1e-7)
+    dense = lambda M, h: np.einsum("uv,bvw->buw", M, h)  # noqa: E731
+    for shape, sparse in (((1, V, 1), False), ((2, V, 9), False), ((32, V, 1), True),
+                          ((8, V, 3), True)):
+        assert (shape[2] < network._CSR_MAX_WIDTH
+                and shape[0] * shape[2] >= network._CSR_MIN_COLUMNS) == sparse
+        text = jax.jit(lambda h: ring_mean(h, t)).lower(jnp.ones(shape)).as_text().lower()
+        assert ("csr_sparse_dense" in text) == sparse and ("gather" in text) != sparse, shape
+        h = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+        g = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+        np.testing.assert_allclose(ring_mean(h, t), dense(A, h), atol=1e-12)
+        _, vjp = jax.vjp(lambda h: ring_mean(h, t), h)
+        np.testing.assert_allclose(vjp(g)[0], dense(A.T, g), atol=1e-12)
+        one = lambda x: ring_mean(x[None], t)[0]  # noqa: E731
+        np.testing.assert_allclose(jax.jit(jax.vmap(one))(h), dense(A, h), atol=1e-12)
+        grad = jax.jit(jax.vmap(jax.grad(lambda x: jnp.sum(jnp.sin(one(x))))))(h)
+        np.testing.assert_allclose(grad, dense(A.T, np.cos(dense(A, h))), atol=1e-12)
+        f = lambda x: jnp.sum(jnp.sin(ring_mean(x, t)))  # noqa: E731
+        hvp = jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), g))(h)
+        np.testing.assert_allclose(hvp, dense(A.T, -np.sin(dense(A, h)) * dense(A, g)), atol=1e-12)
+    vmapped = jax.jit(jax.vmap(one)).lower(jnp.ones((32, V, 1))).as_text().lower()
+    assert "csr_sparse_dense" in vmapped                       # 32 draws of one signal: the sparse product
+
+
 def test_load_refuses_a_prior_whose_eigenvector_inputs_changed(sphere_stats, tmp_path, monkeypatch):
     """A saved prior records a digest of its network inputs; if the manifold's Laplacian
     features come out otherwise on load (a flipped sign, another basis of a degenerate

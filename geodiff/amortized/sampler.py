@@ -520,13 +520,19 @@ class AmortizedSampler:
         sur = frozen["sur"]
         if self.centre == "mixture":
             xb = mixture_draw(key, frozen["mix"], b, z, comp=comp)
-            sd = sur.marginal_std
-            v, ld = flow.forward((xb - sur.mean) / sd, c, encoded=encoded, prepared=prepared)
-            x = sur.mean + sd * v
+            x, ld = self._mixture_flow(flow, sur, xb, c, encoded=encoded, prepared=prepared)
             return x, (mixture_log_prob(frozen["mix"], b, xb, frozen["tau"]) - ld) if log_q else None
         u, ld = flow.forward(z, c, encoded=encoded, prepared=prepared)
         x, ld_base = base_forward(self.kind, sur, frozen["shared"], b, u)
         return x, (self._log_latent(z, frozen["tau"]) - ld - ld_base) if log_q else None
+
+    @staticmethod
+    def _mixture_flow(flow, sur, xb, c, *, encoded: bool = False, prepared=None):
+        """The flow on the mixture base's draws xb (B, V, C), in the surrogate's standardized
+        units; returns (x, log|det|) ((B,) nats)."""
+        sd = sur.marginal_std
+        v, ld = flow.forward((xb - sur.mean) / sd, c, encoded=encoded, prepared=prepared)
+        return sur.mean + sd * v, ld
 
     def _density(self, flow, frozen, b: dict, c, x, *, encoded: bool = False, prepared=None):
         """Exact log q(x | y) (B,) nats of signals x (B, V, C) of B measurements; also the
@@ -827,13 +833,14 @@ class AmortizedSampler:
                 k_k, b["logw"]).T.reshape(n * B)
         # the condition's share of the flow once per y (flow.prepare), not once per draw
         prepared = flow.prepare(c)
-        if self.centre == "mixture":
-            rep = lambda a: jnp.broadcast_to(a[None], (n, *a.shape)).reshape(n * B, *a.shape[1:])  # noqa: E731
-            x, _ = self._draw(flow, frozen, jax.tree.map(rep, b), None, z, None, log_q=False,
-                              comp=comp, prepared=prepared)
-            return x.reshape(n, B, V, C)
         # the base's factors once per y too: the n draws of a measurement share them (a batched
         # product over B), instead of n copies of each (R, R) factor
+        if self.centre == "mixture":
+            xb = jax.vmap(lambda e, k: mixture_draw(None, frozen["mix"], b, e, comp=k))(
+                z.reshape(n, B, V, C), comp.reshape(n, B))
+            x, _ = self._mixture_flow(flow, frozen["sur"], xb.reshape(n * B, V, C), None,
+                                      prepared=prepared)
+            return x.reshape(n, B, V, C)
         u, _ = flow.forward(z, None, prepared=prepared)
         return jax.vmap(lambda v: base_forward(self.kind, frozen["sur"], frozen["shared"], b, v)[0]
                         )(u.reshape(n, B, V, C))

@@ -36,6 +36,9 @@ class RingTable(NamedTuple):
         hub: (H,) the vertices read by more than J others (the poles of a lat-lon sphere, some
             mesh vertices; H = 0 on grids).
         hub_index, hub_weight: (H, Jh) their readers and weights.
+        csr_data, csr_indices, csr_indptr: the same operator A (V, V) in compressed sparse rows
+            (nnz,) float32, (nnz,) int32, (V + 1,) int32, its zero-weight slots dropped.
+        csr_t_data, csr_t_indices, csr_t_indptr: its transpose Aᵀ in compressed sparse rows.
     """
 
     index: jax.Array
@@ -45,6 +48,12 @@ class RingTable(NamedTuple):
     hub: jax.Array
     hub_index: jax.Array
     hub_weight: jax.Array
+    csr_data: jax.Array
+    csr_indices: jax.Array
+    csr_indptr: jax.Array
+    csr_t_data: jax.Array
+    csr_t_indices: jax.Array
+    csr_t_indptr: jax.Array
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -118,7 +127,8 @@ def ring_table(laplacian, valid, max_neighbours: int = 8) -> RingTable:
 
     Returns:
         RingTable with index, weight, t_index, t_weight (V, J), hub (H,), hub_index and
-        hub_weight (H, max(1, largest hub in-degree)). Built once per geometry, in O(V J).
+        hub_weight (H, max(1, largest hub in-degree)), and the operator and its transpose in
+        compressed sparse rows. Built once per geometry, in O(V J).
     """
     import numpy as np
 
@@ -142,8 +152,17 @@ def ring_table(laplacian, valid, max_neighbours: int = 8) -> RingTable:
     hub_weight = np.zeros((len(hub), jh), np.float32)
     hub_index[row, slot[is_hub]] = v_of[is_hub]
     hub_weight[row, slot[is_hub]] = w_of[is_hub]
+    import scipy.sparse as sp
+
+    A = sp.csr_matrix((weight.ravel(), (np.repeat(np.arange(V), J), index.ravel())), shape=(V, V))
+    A.eliminate_zeros()
+    A.sort_indices()
+    At = A.T.tocsr()
+    At.sort_indices()
+    csr = [(M.data.astype(np.float32), M.indices.astype(np.int32), M.indptr.astype(np.int32))
+           for M in (A, At)]
     return RingTable(*(jnp.asarray(a) for a in (index, weight, t_index, t_weight, hub, hub_index,
-                                                 hub_weight)))
+                                                 hub_weight, *csr[0], *csr[1])))
 
 
 def _gather_sum(h, index, weight):
@@ -153,34 +172,111 @@ def _gather_sum(h, index, weight):
     return acc
 
 
+#: :func:`ring_mean` multiplies by the sparse matrix instead of gathering per neighbour slot
+#: when h (B, V, W) has fewer than ``_CSR_MAX_WIDTH`` channels and at least ``_CSR_MIN_COLUMNS``
+#: columns B·W (``benchmarks/ring_mean_cost.py``, docs/amortized.md): XLA's CPU gather of one
+#: scalar per (b, v) is slow, while the sparse product needs h transposed to (V, B·W), which
+#: costs more than it saves for wide activations (the score network's W = 32) and tiny batches.
+_CSR_MAX_WIDTH = 8
+_CSR_MIN_COLUMNS = 16
+
+
+def _csr_product(data, indices, indptr, h):
+    """Σ_u A_vu h[b, u, w] for A (V, V) in compressed sparse rows and h (B, V, W)."""
+    from jax.experimental import sparse as jsparse
+
+    B, V, W = h.shape
+    A = jsparse.BCSR((data.astype(h.dtype), indices, indptr), shape=(V, V))
+    out = A @ jnp.moveaxis(h, 1, 0).reshape(V, B * W)
+    return jnp.moveaxis(out.reshape(V, B, W), 0, 1)
+
+
+def _ring_product(table: RingTable, h, transpose: bool):
+    """A h (``transpose`` False) or Aᵀ h (True) for h (B, V, W), by slot gathers or by the
+    sparse product (module constants above)."""
+    B, V, W = h.shape
+    if W < _CSR_MAX_WIDTH and B * W >= _CSR_MIN_COLUMNS:
+        if transpose:
+            return _csr_product(table.csr_t_data, table.csr_t_indices, table.csr_t_indptr, h)
+        return _csr_product(table.csr_data, table.csr_indices, table.csr_indptr, h)
+    if not transpose:
+        return _gather_sum(h, table.index, table.weight)
+    out = _gather_sum(h, table.t_index, table.t_weight)
+    if table.hub.shape[0]:
+        hub_sum = jnp.einsum("bhjw,hj->bhw", h[:, table.hub_index], table.hub_weight)
+        out = out.at[:, table.hub].add(hub_sum)
+    return out
+
+
+def _batched_product(transpose: bool):
+    """:func:`_ring_product` whose batching rule folds the mapped axis into B, so a ``vmap``
+    (over a sampler's draws) sees the whole batch when it picks the path."""
+
+    @jax.custom_batching.custom_vmap
+    def apply(table, h):
+        return _ring_product(table, h, transpose)
+
+    @apply.def_vmap
+    def _rule(axis_size, in_batched, table, h):
+        if any(jax.tree.leaves(in_batched[0])):
+            raise NotImplementedError("ring_mean: the neighbour table cannot be batched")
+        if not in_batched[1]:
+            return apply(table, h), False
+        n, B = h.shape[:2]
+        out = apply(table, h.reshape((n * B,) + h.shape[2:]))
+        return out.reshape((n, B) + out.shape[1:]), True
+
+    return apply
+
+
+_apply_a, _apply_at = _batched_product(False), _batched_product(True)
+
+
 @jax.custom_vjp
 def ring_mean(h, table: RingTable):
     """Weighted 1-ring mean Σ_j w_vj h[:, idx_vj], (B, V, W) → (B, V, W), with a :class:`RingTable`.
 
-    One gather per neighbour slot, accumulated, so the (B, V, J, W) block of all neighbours (J
-    times the activations) is never built. The backward pass gathers with the transposed table
-    instead of letting autodiff scatter-add, which is slow on CPU: the score network's train step
-    on the 46×90 sphere went from 1.21–1.41 to 0.90 s at batch 64
-    (``benchmarks/prior_step_time.py``, docs/priors.md). Reverse mode only (a
-    ``jax.custom_vjp``: ``jax.jvp`` / ``jacfwd`` through it raise; use ``vjp`` / ``jacrev``), and
-    not differentiable with respect to the table.
+    Narrow activations with many columns (a flow's samples, W ≤ 7 and B·W ≥ 16) are multiplied
+    by the operator in compressed sparse rows; otherwise one gather per neighbour slot is
+    accumulated, so the (B, V, J, W) block of all neighbours (J times the activations) is never
+    built. The backward pass applies the transpose the same way (the transposed table or the
+    transposed sparse matrix) instead of letting autodiff scatter-add, which is slow on CPU: the
+    score network's train step on the 46×90 sphere went from 1.21–1.41 to 0.90 s at batch 64
+    (``benchmarks/prior_step_time.py``, docs/priors.md). Reverse mode only, to any order (a
+    ``jax.custom_vjp`` whose backward pass is :func:`ring_mean_transpose`: ``jax.jvp`` /
+    ``jacfwd`` through it raise; use ``vjp`` / ``jacrev``), and not differentiable with respect
+    to the table.
     """
-    return _gather_sum(h, table.index, table.weight)
+    return _apply_a(table, h)
 
 
 def _ring_mean_fwd(h, table):
-    return _gather_sum(h, table.index, table.weight), table
+    return ring_mean(h, table), table
 
 
 def _ring_mean_bwd(table, g):
-    grad = _gather_sum(g, table.t_index, table.t_weight)
-    if table.hub.shape[0]:
-        hub_sum = jnp.einsum("bhjw,hj->bhw", g[:, table.hub_index], table.hub_weight)
-        grad = grad.at[:, table.hub].add(hub_sum)
-    return grad, None
+    return ring_mean_transpose(g, table), None
 
 
 ring_mean.defvjp(_ring_mean_fwd, _ring_mean_bwd)
+
+
+@jax.custom_vjp
+def ring_mean_transpose(g, table: RingTable):
+    """Aᵀ g for the ring-mean operator A of :func:`ring_mean`, (B, V, W) → (B, V, W); its own
+    backward pass is :func:`ring_mean`."""
+    return _apply_at(table, g)
+
+
+def _ring_mean_t_fwd(g, table):
+    return ring_mean_transpose(g, table), table
+
+
+def _ring_mean_t_bwd(table, h):
+    return ring_mean(h, table), None
+
+
+ring_mean_transpose.defvjp(_ring_mean_t_fwd, _ring_mean_t_bwd)
 
 
 def neighbour_mean(h, geo: NetGeometry):
