@@ -208,3 +208,38 @@ def test_draws_sharing_the_base_equal_the_per_draw_path(x64, centre):
         ci = jnp.broadcast_to(c[i], (n, *c.shape[1:]))
         want, _ = s._draw(flow, frozen, bi, ci, z, None, log_q=False, comp=comp)
         np.testing.assert_allclose(xs[:, i], np.asarray(want), rtol=0, atol=1e-10)
+
+
+def _with_mask(m, mask):
+    """m with another mask (y zeroed where it is not observed)."""
+    import dataclasses
+
+    return dataclasses.replace(m, mask=mask, y=jnp.where(mask, m.y, 0.0))
+
+
+def test_measurements_sharing_a_mask_share_one_base_factor(x64):
+    """A chunk whose measurements share one mask (a lone measurement, a station network) uses one
+    cached covariance factor for all of them instead of a solve each: the same draws as the
+    per-measurement solve (float64; checked against a batch whose masks differ), one factor
+    kept per mask, at most ``MASK_FACTORS``; the mixture base keeps its own solves."""
+    s, m = _case("surrogate", n_meas=3)
+    assert not np.array_equal(np.asarray(m.mask[1]), np.asarray(m.mask[0]))
+    same = _with_mask(m, jnp.broadcast_to(m.mask[:1], m.mask.shape))
+    # measurements 0 and 1 with mask 0, then measurement 2 with its own: per-measurement solves
+    mixed = jax.tree.map(lambda a, b: jnp.concatenate([a[:2], b[2:]]), same, m)
+    k = jax.random.key(5)
+    want = np.asarray(s.sample(k, mixed, 6))
+    assert not getattr(s, "_mask_factors", {})                    # masks differ: no factor
+    got = np.asarray(s.sample(k, same[:2], 6))
+    assert len(s._mask_factors) == 1
+    np.testing.assert_allclose(got, want[:, :2], rtol=0, atol=1e-12)
+    mean, _ = s.posterior(k, same[:2], 6)
+    np.testing.assert_allclose(mean, want[:, :2].mean(0), rtol=0, atol=1e-12)
+    assert len(s._mask_factors) == 1                               # the same mask: reused
+    for i in range(s.MASK_FACTORS + 2):                            # lone measurements
+        mask = jax.random.bernoulli(jax.random.key(i), 0.5, m.mask.shape[1:])
+        s.sample(k, _with_mask(m[0], mask), 1)
+    assert len(s._mask_factors) == s.MASK_FACTORS
+    mix, mm = _case("mixture", n_meas=2)
+    mix.sample(k, mm[:1], 2)
+    assert not getattr(mix, "_mask_factors", {})

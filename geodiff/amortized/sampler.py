@@ -38,8 +38,10 @@ measured entries, D = V·C.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -55,8 +57,8 @@ from geodiff.amortized import io as _io
 from geodiff.amortized.mixture import (MixtureSurrogate, check_mixture_operator, mixture_base_params,
                                        mixture_draw, mixture_log_prob, mixture_shared)
 from geodiff.amortized.surrogate import (GaussianSurrogate, base_forward, base_inverse, base_params,
-                                         base_std, dense_posterior, draw_prior, selection_shared,
-                                         solver_kind)
+                                         base_std, dense_posterior, draw_prior, selection_factor,
+                                         selection_shared, solver_kind)
 from geodiff.diffusion.base import Prior
 from geodiff.diffusion.prior import _flatten, _key, _unflatten, _version
 from geodiff.flows import ConditionalRealNVP
@@ -944,9 +946,37 @@ class AmortizedSampler:
             run = self._sharded(summary, devices)
         for lo, hi in tqdm(spans, disable=not progress, desc=desc, unit="chunk"):
             mc = _batch.shard(_batch.take(m, lo, hi, size), devices)
+            fr = self._frozen_for_mask(frozen, mc)
             # returned ready: concurrent LAPACK programs can deadlock XLA's CPU runtime
-            out = jax.block_until_ready(run(self.params, frozen, mc, key, jnp.int32(lo), n=n, **kw))
+            out = jax.block_until_ready(run(self.params, fr, mc, key, jnp.int32(lo), n=n, **kw))
             yield _batch.PosteriorChunk.of(lo, hi, out)
+
+    #: masks whose base factor a sampler keeps (:meth:`_frozen_for_mask`), least recent dropped
+    MASK_FACTORS = 8
+
+    def _frozen_for_mask(self, frozen: dict, m: Measurement) -> dict:
+        """``frozen`` with the base's covariance factor of the one mask that every measurement of
+        the chunk ``m`` shares, if they share one (a lone measurement, a station network, a fixed
+        gap pattern): each measurement then costs only its mean, O(D R), instead of its own
+        O(D R²) solve and R×R eigensolver. Same formulas, so the same draws up to rounding.
+        The factor is computed once per mask and surrogate and kept (``MASK_FACTORS`` of them).
+        Only the selection solver with a Gaussian base (``centre`` other than "mixture")."""
+        shared = frozen["shared"]
+        if (self.kind != "selection" or self.centre == "mixture" or shared["fixed"] is not None):
+            return frozen
+        mask = np.asarray(m.mask)
+        if not (mask == mask[:1]).all():
+            return frozen
+        sur = frozen["sur"]
+        key = (id(sur), hashlib.sha1(np.packbits(mask[0])).hexdigest())
+        cache = self.__dict__.setdefault("_mask_factors", collections.OrderedDict())
+        if key not in cache:
+            fixed = selection_factor(sur, shared["gram"], mask[0], sigma=float(self.operator.sigma))
+            cache[key] = (sur, jax.block_until_ready(fixed))     # sur held: its id stays unique
+            while len(cache) > self.MASK_FACTORS:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return {**frozen, "shared": {**shared, "fixed": cache[key][1]}}
 
     def _sharded(self, summary: bool, devices):
         """The compiled chunk program split across ``devices`` (built once per device set)."""

@@ -212,11 +212,23 @@ def selection_shared(operator: LinearOperator, sur: GaussianSurrogate) -> dict:
     gram = selection_gram(sur)
     fixed = None
     if isinstance(operator, Denoise):
-        V, C = sur.mean.shape
-        one = _selection_one(sur, gram, jnp.zeros((V, C), sur.factor.dtype), jnp.ones((V, 1), bool),
-                             sigma=float(operator.sigma))
-        fixed = {k: v for k, v in one.items() if k != "m0"}
+        V = sur.mean.shape[0]
+        fixed = selection_factor(sur, gram, jnp.ones((V, 1), bool), sigma=float(operator.sigma))
     return {"gram": gram, "fixed": fixed}
+
+
+def selection_factor(sur: GaussianSurrogate, gram, mask, *, sigma: float) -> dict:
+    """The selection solver's covariance factor for one mask (V, 1) bool: ``r``, ``a``, ``W``,
+    ``s2``, ``logdet`` (:func:`_selection_one`) and the base's per-entry ``std`` (V, C). Every
+    measurement with this mask shares it (only its mean depends on y): :class:`Denoise`
+    (every entry observed), and a batch whose measurements share one mask (a station network
+    or a fixed gap pattern; ``AmortizedSampler`` caches one factor per mask)."""
+    V, C = sur.mean.shape
+    one = _selection_one(sur, gram, jnp.zeros((V, C), sur.factor.dtype), jnp.asarray(mask, bool),
+                         sigma=float(sigma))
+    fixed = {k: v for k, v in one.items() if k != "m0"}
+    fixed["std"] = _selection_std(sur, fixed)
+    return fixed
 
 
 def _sel_sym(F, b, v, inverse: bool):
@@ -386,11 +398,14 @@ def base_std(kind: str, sur: GaussianSurrogate, shared, b: dict):
         chol = shared[0]
         return jnp.broadcast_to(jnp.sqrt(jnp.sum(chol**2, axis=1)).reshape(V, C), (B, V, C))
 
-    def one(f):
-        zq = f["a"][:, None] * (sur.factor @ f["W"])
-        return (f["r"] * jnp.sqrt(1 + jnp.sum(zq**2, axis=1))).reshape(V, C)
-
     fixed = _shared_factor(shared, b)
     if fixed is not None:
-        return jnp.broadcast_to(one(fixed), (B, V, C))
-    return jax.vmap(one)({k: b[k] for k in ("r", "a", "W")})
+        std = fixed["std"] if "std" in fixed else _selection_std(sur, fixed)
+        return jnp.broadcast_to(std, (B, V, C))
+    return jax.vmap(functools.partial(_selection_std, sur))({k: b[k] for k in ("r", "a", "W")})
+
+
+def _selection_std(sur: GaussianSurrogate, f: dict):
+    """√diag Σ = r ⊙ √(1 + Σₖ (a ⊙ (F W)ₖ)²) of one selection factor, (V, C)."""
+    zq = f["a"][:, None] * (sur.factor @ f["W"])
+    return (f["r"] * jnp.sqrt(1 + jnp.sum(zq**2, axis=1))).reshape(sur.mean.shape)
