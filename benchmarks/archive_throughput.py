@@ -4,7 +4,9 @@ For each task (the 46×90 sphere with 60% of the points missing, σ = 0.05; the 
 denoising at σ = 0.1) and sampler variant (centre × flow), on the same prior as the comparison
 benchmarks:
 
-* latency per measurement: 1 sample and 128 samples (``sampler.sample``), and the per-field time
+* latency per measurement: 1 sample and 128 samples (``sampler.sample``) of a measurement whose
+  mask the sampler has not seen (its own base solve), and of one whose mask it has (a station
+  network: the sampler keeps one base factor per mask), and the per-field time
   of a batch of 64 measurements × 128 samples summarized in one compiled call
   (``iter_posterior``, mean, std and the 5/50/95% quantiles);
 * XLA's FLOP count of each of those programs and the fraction of the measured float32 matmul
@@ -13,7 +15,7 @@ benchmarks:
   and the speed-ups per sample;
 * the archive: N fields × 128 samples through ``iter_posterior`` (chunks of ``--chunk``), fields
   per second, and the peak resident memory after N/4 and after N fields (flat in N when the
-  chunk, not N, sets it).
+  chunk, not N, sets it); once with a random mask per field, once with one mask in all fields.
 
 The flows are untrained: cost does not depend on the weights (the comparison benchmarks' flow
 sizes; the ring MLP is the full mode's ``local_hidden = 32``). Compilation is excluded from every
@@ -144,9 +146,16 @@ def latency(cfg: Config, sampler, meas, peak: float) -> dict:
     batch = jax.tree.map(lambda a: a[: cfg.batch], meas)
     n = cfg.n_samples
     row = {}
-    for k, m, label in ((1, one, "1"), (n, one, "n")):
-        row[f"sample_{label}_s"] = time_call(sampler.sample, jax.random.key(1), m, k,
-                                             repeats=cfg.repeats)[0]
+
+    def new_mask(k):          # a measurement whose mask the sampler has not seen: its own solve
+        sampler.__dict__.pop("_mask_factors", None)
+        return sampler.sample(jax.random.key(1), one, k)
+
+    for k, label in ((1, "1"), (n, "n")):
+        row[f"sample_{label}_s"] = time_call(new_mask, k, repeats=cfg.repeats)[0]
+        # a mask seen before (a station network): its base factor is kept by the sampler
+        row[f"sample_{label}_known_s"] = time_call(sampler.sample, jax.random.key(1), one, k,
+                                                   repeats=cfg.repeats)[0]
     summarize = lambda: list(sampler.iter_posterior(jax.random.key(1), batch, n,    # noqa: E731
                                                     chunk=cfg.batch, quantiles=QUANTILES))
     row["batch_s"] = time_call(summarize, repeats=cfg.repeats)[0]
@@ -155,13 +164,22 @@ def latency(cfg: Config, sampler, meas, peak: float) -> dict:
     b1 = jax.tree.map(lambda a: jnp.asarray(a)[None], one)
     first = jnp.int32(0)
     row["flops_1"] = flops(sampler._jit_sample, p, fr, b1, jax.random.key(0), first, n=1)
+    row["flops_1_known"] = flops(sampler._jit_sample, p, sampler._frozen_for_mask(fr, b1), b1,
+                                 jax.random.key(0), first, n=1)
     row["flops_n"] = flops(sampler._jit_sample, p, fr, b1, jax.random.key(0), first, n=n)
     row["flops_batch"] = flops(sampler._jit_summary, p, fr, batch, jax.random.key(0), first, n=n,
                                quantiles=QUANTILES, keep=False)
-    for label, secs in (("1", row["sample_1_s"]), ("n", row["sample_n_s"]),
-                        ("batch", row["batch_s"])):
+    for label, secs in (("1", row["sample_1_s"]), ("1_known", row["sample_1_known_s"]),
+                        ("n", row["sample_n_s"]), ("batch", row["batch_s"])):
         row[f"peak_fraction_{label}"] = row[f"flops_{label}"] / secs / 1e9 / peak
     return row
+
+
+def one_mask(meas):
+    """The measurements with the first one's mask (a station network: the same gaps in every
+    field), y zeroed where that mask leaves them unobserved."""
+    mask = jnp.broadcast_to(meas.mask[:1], meas.mask.shape)
+    return dataclasses.replace(meas, mask=mask, y=jnp.where(mask, meas.y, 0.0))
 
 
 def archive(cfg: Config, sampler, meas) -> dict:
@@ -232,6 +250,8 @@ def main(argv=None):
             row["speedup_batch"] = t_dps / (row["batch_per_field_s"] / cfg.n_samples)
             if isinstance(op, RandomMask) and i == 0:          # the archive: one variant
                 row |= archive(cfg, sampler, meas)
+                # the same archive with one gap pattern in every field: one base solve in all
+                row |= {f"shared_{k}": v for k, v in archive(cfg, sampler, one_mask(meas)).items()}
             rows.append(row)
             print(_line(row))
     result = {"meta": {"mode": mode, "config": dataclasses.asdict(cfg), "seed": 0,
@@ -261,13 +281,15 @@ def markdown(result: dict) -> str:
     b = result["rows"][0]["batch"] if result["rows"] else 64
     lines = [f"Matmul peak {result['meta']['matmul_peak_gflops']:.1f} GFLOP/s (float32, 2048³). "
              "Times per measurement, compilation excluded; % = FLOPs / time / peak.", "",
-             f"| task | sampler | 1 sample (ms) | {n} samples (ms) | batch {b}×{n} per field (ms) "
+             f"| task | sampler | 1 sample (ms) | {n} samples (ms) | 1 / {n} samples, mask seen "
+             f"before (ms) | batch {b}×{n} per field (ms) "
              f"| % peak (1 / {n} / batch) | DPS (s) | speed-up per sample (1 / {n} / batch) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['task']} | {r['sampler']} | {r['sample_1_s'] * 1e3:.2f} | "
-            f"{r['sample_n_s'] * 1e3:.1f} | {r['batch_per_field_s'] * 1e3:.1f} | "
+            f"{r['sample_n_s'] * 1e3:.1f} | {r['sample_1_known_s'] * 1e3:.2f} / "
+            f"{r['sample_n_known_s'] * 1e3:.1f} | {r['batch_per_field_s'] * 1e3:.1f} | "
             f"{100 * r['peak_fraction_1']:.1f} / {100 * r['peak_fraction_n']:.1f} / "
             f"{100 * r['peak_fraction_batch']:.1f} | {r['dps_s']:.2f} ({r['dps_steps']} steps) | "
             f"{r['speedup_1']:,.0f}× / {r['speedup_n']:,.0f}× / {r['speedup_batch']:,.0f}× |")
@@ -276,10 +298,15 @@ def markdown(result: dict) -> str:
         lines += ["", "| archive (sampler) | fields | samples each | chunk | time (s) | fields/s "
                       "| peak RSS after N/4 → N (MB) |", "|---|---|---|---|---|---|---|"]
         for r in arch:
-            lines.append(f"| {r['task']} ({r['sampler']}) | {r['archive_all_fields']} | "
-                         f"{r['n_samples']} | {r['archive_chunk']} | {r['archive_all_s']:.1f} | "
-                         f"{r['fields_per_s']:.2f} | {r['archive_quarter_peak_rss_mb']:.0f} → "
-                         f"{r['archive_all_peak_rss_mb']:.0f} |")
+            for pre, what in (("", "a mask per field"), ("shared_", "one mask in all fields")):
+                if f"{pre}fields_per_s" not in r:
+                    continue
+                lines.append(f"| {r['task']} ({r['sampler']}; {what}) | "
+                             f"{r[pre + 'archive_all_fields']} | {r['n_samples']} | "
+                             f"{r[pre + 'archive_chunk']} | {r[pre + 'archive_all_s']:.1f} | "
+                             f"{r[pre + 'fields_per_s']:.2f} | "
+                             f"{r[pre + 'archive_quarter_peak_rss_mb']:.0f} → "
+                             f"{r[pre + 'archive_all_peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

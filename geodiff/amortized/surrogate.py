@@ -217,6 +217,7 @@ def selection_shared(operator: LinearOperator, sur: GaussianSurrogate) -> dict:
     return {"gram": gram, "fixed": fixed}
 
 
+@functools.partial(jax.jit, static_argnames=("sigma",))
 def selection_factor(sur: GaussianSurrogate, gram, mask, *, sigma: float) -> dict:
     """The selection solver's covariance factor for one mask (V, 1) bool: ``r``, ``a``, ``W``,
     ``s2``, ``logdet`` (:func:`_selection_one`) and the base's per-entry ``std`` (V, C). Every
@@ -224,8 +225,8 @@ def selection_factor(sur: GaussianSurrogate, gram, mask, *, sigma: float) -> dic
     (every entry observed), and a batch whose measurements share one mask (a station network
     or a fixed gap pattern; ``AmortizedSampler`` caches one factor per mask)."""
     V, C = sur.mean.shape
-    one = _selection_one(sur, gram, jnp.zeros((V, C), sur.factor.dtype), jnp.asarray(mask, bool),
-                         sigma=float(sigma))
+    one = _selection_one(sur, gram, jnp.zeros((V, C), sur.factor.dtype), mask.astype(bool),
+                         sigma=sigma)
     fixed = {k: v for k, v in one.items() if k != "m0"}
     fixed["std"] = _selection_std(sur, fixed)
     return fixed
