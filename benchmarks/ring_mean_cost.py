@@ -4,9 +4,11 @@
 neighbours a row) to activations h (B, V, W) either by one gather per neighbour slot or by a
 compressed-sparse-row product on h transposed to (V, B·W); its backward pass applies Aᵀ the same
 way. This script times both paths, forward and forward + backward (a VJP), on the benchmark
-manifolds, for the shapes the package meets: a flow's samples (W = 1, B = 1 … 4,096 draws), a
-flow's condition (W = 3) and the score network's activations (W = 32, B = 1 and 64). The rule
-``ring_mean`` follows (the sparse product when W < 8 and B·W ≥ 16) was read off this table.
+manifolds, for the shapes the package meets: a flow's samples (W = 1; B = 128 draws of one
+measurement, 2,048 of a batch of 16 measurements), a flow's condition (W = 3) and the score
+network's activations (W = 32, B = 1 and 64). The rule ``ring_mean`` follows (the sparse product
+when W < 8 and B·W ≥ 16) was chosen from a run on shared cores; ``docs/results.md`` has the
+table measured alone on the cores and what it says about the rule.
 Compilation is excluded; median of repeats. Run it with nothing else on the machine.
 
     python benchmarks/ring_mean_cost.py            # ≈ 1 min on 2 CPU cores
@@ -30,7 +32,8 @@ from geodiff.timing import machine_info, time_call, versions, write_json
 
 MANIFOLDS = {"sphere 46×90": lambda: Sphere.latlon(46, 90), "bunny res3": lambda: Mesh.bunny(3),
              "grid 32×32": lambda: Grid(32, 32)}
-SHAPES = [(1, 1), (8, 1), (16, 1), (128, 1), (4096, 1), (1, 3), (32, 3), (1, 32), (64, 32)]
+SHAPES = [(1, 1), (8, 1), (16, 1), (128, 1), (512, 1), (2048, 1), (4096, 1), (1, 3), (32, 3), (1, 32),
+          (64, 32)]
 
 
 def _paths(table):
