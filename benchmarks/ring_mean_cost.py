@@ -32,8 +32,8 @@ from geodiff.timing import machine_info, time_call, versions, write_json
 
 MANIFOLDS = {"sphere 46×90": lambda: Sphere.latlon(46, 90), "bunny res3": lambda: Mesh.bunny(3),
              "grid 32×32": lambda: Grid(32, 32)}
-SHAPES = [(1, 1), (8, 1), (16, 1), (128, 1), (512, 1), (2048, 1), (4096, 1), (1, 3), (32, 3), (1, 32),
-          (64, 32)]
+SHAPES = [(1, 1), (8, 1), (16, 1), (128, 1), (512, 1), (2048, 1), (4096, 1),
+          (1, 3), (32, 3), (1, 32), (64, 32)]
 
 
 def _paths(table):
