@@ -270,3 +270,39 @@ def test_pnp_settings_are_checked_and_saved(grid, prior, tmp_path):
             small(grid, prior, op, surrogate=surrogate(prior), centre="pnp", **bad)
     with pytest.raises(ValueError, match="centre='pnp' only"):
         small(grid, prior, op, surrogate=surrogate(prior), pnp_noise=(0.3, 0.04))
+
+
+@pytest.mark.parametrize("op", [RandomMask(0.5, 0.3), Denoise(0.3)], ids=lambda o: type(o).__name__)
+def test_condition_residual_has_unit_predictive_variance(grid, prior, op):
+    """The residual channel of c(y) is Aᵀ(y − Aμ)/√(s² + σ²): unit variance at every measured
+    vertex for signals drawn from the surrogate, including vertices where the prior hardly varies
+    (s at the fit's floor, 1e-3), where a residual over s alone would have variance ≈ σ²/s² = 9e4
+    and a test signal outside the training range would send the conditioner far out of range."""
+    V = grid.n_vertices
+    F = np.asarray(prior.basis * jnp.sqrt(prior.variances), np.float64)
+    nugget = np.full((V, 1), float(prior.nugget))
+    flat = np.arange(0, V, 5)                     # vertices the "training signals" never leave
+    F[flat] = 0.0
+    nugget[flat] = 1e-6
+    sur = GaussianSurrogate(jnp.asarray(prior.mean), jnp.asarray(F, jnp.float32),
+                            jnp.asarray(nugget, jnp.float32))
+    s = small(grid, prior, op, surrogate=sur, centre="surrogate")
+    rng = np.random.default_rng(0)
+    n = 4000
+    x = (np.asarray(prior.mean)[None] + (rng.standard_normal((n, F.shape[1])) @ F.T)[..., None]
+         + np.sqrt(nugget)[None] * rng.standard_normal((n, V, 1)))
+    m = s.operator.measure(jax.random.key(1), jnp.asarray(x, jnp.float32))
+    b = s._base(s._frozen(), m)
+    c = np.asarray(s._features(s.surrogate, m, b), np.float64)
+    seen = (np.asarray(m.mask, bool)[..., 0] if s.kind == "selection"
+            else np.ones((n, V), bool))
+    resid = c[..., 1]
+    ms = np.array([np.mean(resid[seen[:, v], v] ** 2) for v in range(V)])
+    assert np.all(np.abs(ms - 1) < 0.15), ms          # ≥ 1,800 draws per vertex: ≈ 3% noise
+    assert np.all(resid[~seen] == 0)
+    # a signal with ink where the training signals have none: the channel stays O(value / σ)
+    out = np.asarray(prior.mean).copy()
+    out[flat] += 1.0
+    mo = s.operator.measure(jax.random.key(2), jnp.asarray(out[None], jnp.float32))
+    co = np.asarray(s._features(s.surrogate, mo, s._base(s._frozen(), mo)))
+    assert np.abs(co[..., 1]).max() < (1.0 + 5 * op.sigma) / op.sigma

@@ -556,3 +556,32 @@ def test_ring_mean_cost_smoke(tmp_path):
         assert r["max_abs_diff"] < 1e-5
     with pytest.raises(SystemExit, match="--repeats must be ≥ 1"):
         load_script("ring_mean_cost").main(["--smoke", "--repeats", "0", "--out", str(tmp_path)])
+
+
+def test_pair_outliers_flags_signals_outside_the_training_range():
+    """A signal counts as outside the training range when some vertex lies more than OUT_Z
+    marginal stds (√(Σ_r F² + nugget)) from the fit's mean."""
+    script = load_script("pair_outliers")
+    mean = np.zeros((3, 1))
+    factor = np.array([[0.3, 0.4], [0.0, 0.0], [1.0, 0.0]])   # stds 0.5, 0.001, 1
+    nugget = np.array([[0.0], [1e-6], [0.0]])
+    z = script.OUT_Z
+    test = np.zeros((4, 3, 1))
+    test[0, 1] = 0.9 * z * 1e-3          # inside
+    test[1, 1] = 1.1 * z * 1e-3          # outside: the floor vertex
+    test[2, 0] = -1.1 * z * 0.5          # outside: a wide vertex, negative side
+    test[3, 2] = 0.9 * z                 # inside
+    assert script.out_of_range(test, mean, factor, nugget).tolist() == [False, True, True, False]
+
+
+@pytest.mark.slow
+def test_pair_outliers_smoke(tmp_path, monkeypatch, bench_cache):
+    monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
+    result = load_script("pair_outliers").main(["--smoke", "--out", str(tmp_path / "out")])
+    methods = [r["method"] for r in result["rows"]]
+    assert methods[:3] == ["Kriging", "APS[pairs,τ](1)", "APS[pairs,τ](128)"]
+    for row in result["rows"][1:3]:
+        assert row["learned_from"] == "the prior's clean training set (simulated pairs)"
+        assert row["n_diverged"] == len(row["diverged"]) and row["max_gap_to_kriging"] >= 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"] == \
+        json.loads(json.dumps(result["rows"]))

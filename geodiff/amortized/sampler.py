@@ -11,8 +11,8 @@ The sampler draws ``x = m(y) + L₀(y)·G_φ(z; c(y))``, ``z ~ N(0, τ² I)``:
   measurement, docs/amortized.md);
 * ``L₀``: a square root of the surrogate's posterior covariance (:mod:`geodiff.amortized.surrogate`);
 * ``G_φ``: a :class:`~geodiff.flows.ConditionalRealNVP` on the whitened coordinates, conditioned on
-  ``c(y)`` = [(m − μ)/s, Aᵀ(y − Aμ)/s, mask, sd₀/s] (μ, s the surrogate's prior mean and std, sd₀
-  the base's per-entry std). It starts as the identity, so an untrained sampler's mean *is* its
+  ``c(y)`` = [(m − μ)/s, Aᵀ(y − Aμ)/√(s² + σ²), mask, sd₀/s] (μ, s the surrogate's prior mean
+  and std, σ the noise std, sd₀ the base's per-entry std). It starts as the identity, so an untrained sampler's mean *is* its
   centre and (with the surrogate centre) it samples the surrogate posterior exactly;
 * ``τ``: the base temperature, 1 until :meth:`AmortizedSampler.calibrate` sets it.
 
@@ -67,7 +67,7 @@ from geodiff.manifolds.spec import manifold_from_spec, manifold_spec
 from geodiff.operators import LinearOperator, Measurement
 from geodiff.train import fit as _fit
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 PRIOR_TERMS = ("elbo", "exact")
 CENTRES = ("auto", "surrogate", "tweedie", "pnp", "mixture")
 OBJECTIVES = ("reverse", "pairs", "pairs+reverse")
@@ -483,12 +483,19 @@ class AmortizedSampler:
         return batch
 
     def _features(self, sur, m: Measurement, b: dict):
-        """Condition c(y) (B, V, 3C + 1) = [(m − μ)/s, Aᵀ(y − Aμ)/s, mask, sd₀/s]."""
+        """Condition c(y) (B, V, 3C + 1) = [(m − μ)/s, Aᵀ(y − Aμ)/√(s² + σ²), mask, sd₀/s].
+
+        The residual is scaled by its predictive std under the surrogate, √(s² + σ²) (exact for
+        masks and Denoise, a per-vertex scale for dense operators), not by s alone: where the
+        prior signals hardly vary (s at its floor) a residual over s would be O(σ/s) in
+        training and far larger on a test signal that leaves the training range, and the
+        conditioner would extrapolate (docs/amortized.md, "Out-of-range signals")."""
         B = m.y.shape[0]
         V, C = sur.mean.shape
         sd = sur.marginal_std
         mu = jnp.broadcast_to(sur.mean, (B, V, C))
-        back = self.operator.adjoint(m.y - self.operator.forward(mu, m), m) / sd
+        scale = jnp.sqrt(sd**2 + jnp.asarray(self.operator.sigma, sd.dtype) ** 2)
+        back = self.operator.adjoint(m.y - self.operator.forward(mu, m), m) / scale
         mask = m.mask.astype(sd.dtype) if self.kind == "selection" else jnp.ones((B, V, 1), sd.dtype)
         return jnp.concatenate([(b["m0"] - sur.mean) / sd, back, mask, b["std"] / sd], axis=-1)
 
@@ -1170,8 +1177,8 @@ class AmortizedSampler:
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"path: {str(path)!r} was saved in sampler format "
                              f"{meta.get('format')!r}, this geodiff reads format "
-                             f"{FORMAT_VERSION} (the flow's condition changed in 0.4): refit "
-                             "the sampler")
+                             f"{FORMAT_VERSION} (since format 3 the flow's condition scales "
+                             "the residual by its predictive std): refit the sampler")
         manifold = manifold_from_spec(meta["manifold_spec"], arrays)
         prior = _io.prior_from_spec(meta["prior"], arrays, manifold)
         operator = _io.operator_from_spec(meta["operator"], manifold)
