@@ -247,9 +247,10 @@ def test_save_load_round_trip(grid, gprior, key, tmp_path, which):
                                params=None, data_mean=np.full((20, 1), 0.5), data_std=np.full((20, 1), 0.2))
         op = Denoise(0.1)
     # the diffusion case brings its own flow (other widths, the per-vertex MLP, a condition
-    # encoder, another log-scale bound): the file must rebuild that flow, not the defaults
+    # encoder, another log-scale bound, clipped inputs): the file must rebuild that flow
     flow = (ConditionalRealNVP(grid, condition_channels=4, n_steps=2, hidden=8, n_eig=8, local_hidden=4,
-                               encoder_width=3, encoder_blocks=1, max_log_scale=1.5, seed=3)
+                               encoder_width=3, encoder_blocks=1, max_log_scale=1.5,
+                               input_bound=1.5, seed=3)
             if which == "diffusion" else None)
     s = perturbed(AmortizedSampler(grid, prior, op, surrogate=np.asarray(gprior.sample(key, 32)),
                                    surrogate_rank=8, n_steps=2, hidden=16, n_eig=8, flow=flow))
@@ -259,6 +260,7 @@ def test_save_load_round_trip(grid, gprior, key, tmp_path, which):
     if which == "diffusion":
         assert s.flow_config["local_hidden"] == 4 and s.flow_config["hidden"] == 8
         assert s.flow_config["encoder_width"] == 3 and s.flow_config["encoder_blocks"] == 1
+        assert s.flow_config["input_bound"] == 1.5
     assert type(t.prior) is type(prior) and type(t.operator) is type(op)
     assert t.operator.sigma == op.sigma and t.manifold.n_vertices == 20
     m = s.operator.measure(jax.random.key(1), gprior.sample(jax.random.key(2), 2))

@@ -577,11 +577,13 @@ def test_pair_outliers_flags_signals_outside_the_training_range():
 @pytest.mark.slow
 def test_pair_outliers_smoke(tmp_path, monkeypatch, bench_cache):
     monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
-    result = load_script("pair_outliers").main(["--smoke", "--out", str(tmp_path / "out")])
+    result = load_script("pair_outliers").main(["--smoke", "--input-bound", "4",
+                                                "--out", str(tmp_path / "out")])
     methods = [r["method"] for r in result["rows"]]
     assert methods[:3] == ["Kriging", "APS[pairs,τ](1)", "APS[pairs,τ](128)"]
     for row in result["rows"][1:3]:
         assert row["learned_from"] == "the prior's clean training set (simulated pairs)"
         assert row["n_diverged"] == len(row["diverged"]) and row["max_gap_to_kriging"] >= 0
+        assert row["input_bound"] == 4.0 and 0 <= row["far_draw_share"] <= 1
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"] == \
         json.loads(json.dumps(result["rows"]))

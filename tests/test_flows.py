@@ -179,7 +179,8 @@ def test_condition_encoder_bad_input():
 
 @pytest.mark.parametrize("kw", [{}, {"local_hidden": 4},
                                 {"local_hidden": 4, "encoder_width": 4, "encoder_blocks": 1},
-                                {"conditioner": "dense"}], ids=["spectral", "ring", "encoder", "dense"])
+                                {"conditioner": "dense"}, {"local_hidden": 4, "input_bound": 1.5}],
+                         ids=["spectral", "ring", "encoder", "dense", "bounded"])
 def test_prepared_condition_is_the_same_flow(kw, x64):
     """forward/inverse with prepare(c) (the condition's share once per condition, n draws of
     each) equal forward/inverse with c repeated per draw; a wrong row count is refused."""
@@ -272,3 +273,39 @@ def test_bad_input():
         ConditionalRealNVP(g, conditioner="conv")
     with pytest.raises(ValueError, match="n must be"):
         flow.sample(jax.random.key(0), jnp.zeros((1, 12, 2)), n=0)
+
+
+@pytest.mark.parametrize("conditioner", ["spectral", "dense"])
+def test_input_bound_keeps_the_exact_logdet_and_saturates(conditioner, x64):
+    """input_bound = b: the conditioners see b·tanh(v/b) of x_a and of the condition. The flow
+    stays a bijection with the dense Jacobian's log-det, starts as the identity, and a condition
+    (or an untransformed half) far out of range gives what a farther one gives: nothing the
+    conditioners see exceeds b, so they cannot extrapolate."""
+    g = Grid(3, 4)
+    fresh = ConditionalRealNVP(g, condition_channels=2, n_steps=2, hidden=8, n_eig=6,
+                               conditioner=conditioner, input_bound=1.5)
+    x = jax.random.normal(jax.random.key(1), (2, 12, 1), jnp.float64)
+    cond = jax.random.normal(jax.random.key(2), (2, 12, 2), jnp.float64)
+    np.testing.assert_array_equal(fresh.forward(x, cond)[0], x)
+    flow = perturb(fresh)
+    check_bijection(flow, x, cond, g.valid)
+    sign = jnp.sign(cond)
+    far, farther = flow.forward(x, 1e3 * sign), flow.forward(x, 1e5 * sign)
+    np.testing.assert_allclose(far[0], farther[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(far[1], farther[1], rtol=0, atol=1e-12)
+    unbounded = nnx.merge(*nnx.split(perturb(ConditionalRealNVP(
+        g, condition_channels=2, n_steps=2, hidden=8, n_eig=6, conditioner=conditioner))))
+    assert float(jnp.max(jnp.abs(unbounded.forward(x, 1e3 * sign)[0]
+                                 - unbounded.forward(x, 1e5 * sign)[0]))) > 1.0
+    coup = next(layer for layer in flow.layers if isinstance(layer, AffineCoupling))
+    s1, t1 = coup._st(1e3 * x, cond)
+    s2, t2 = coup._st(1e5 * x, cond)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(t1, t2, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_input_bound_must_be_a_positive_number(bad):
+    with pytest.raises(ValueError, match="input_bound must be None or a finite number > 0"):
+        ConditionalRealNVP(Grid(3, 4), condition_channels=1, n_steps=1, hidden=4, n_eig=4,
+                           input_bound=bad)

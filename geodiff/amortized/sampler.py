@@ -130,7 +130,7 @@ class AmortizedSampler:
         flow: a :class:`~geodiff.ConditionalRealNVP` with ``channels=C`` and
             ``condition_channels=3C + 1`` on ``manifold``; None builds one from ``n_steps``,
             ``conditioner``, ``hidden``, ``n_eig``, ``local_hidden``, ``encoder_width``,
-            ``encoder_blocks`` and ``seed``.
+            ``encoder_blocks``, ``input_bound`` and ``seed``.
         centre: the base mean m(y). ``"tweedie"``: the prior's Tweedie estimate at the
             measurement's noise level (Noise2Score: one network evaluation per measurement;
             :class:`~geodiff.operators.Denoise` only). ``"surrogate"``: the surrogate's exact
@@ -168,7 +168,7 @@ class AmortizedSampler:
         antithetic: draw them as antithetic pairs (t, ±ε) (``n_t`` even), which cancels the
             gradient noise that is linear in ε (exactly so for Gaussian priors).
         prior_weight: λ, weight of the prior term (1 in the paper).
-        n_steps: the default flow's flow steps (this and the next six: used when ``flow`` is
+        n_steps: the default flow's flow steps (this and the next seven: used when ``flow`` is
             None; see :class:`~geodiff.ConditionalRealNVP`).
         conditioner: the default flow's conditioner, ``"spectral"`` or ``"dense"``.
         hidden: the default flow's H.
@@ -176,6 +176,11 @@ class AmortizedSampler:
         local_hidden: the default flow's per-vertex MLP width (0: off).
         encoder_width: the default flow's condition-encoder width (0: no encoder).
         encoder_blocks: the default flow's encoder blocks.
+        input_bound: the default flow's soft clip b of what its conditioners see, in the
+            whitened and standardized units of the draws and the condition (None: off; see
+            :class:`~geodiff.ConditionalRealNVP`). 4 keeps a pair-trained flow from
+            extrapolating on signals outside its training range (docs/amortized.md,
+            "Out-of-range signals").
         seed: seeds the default flow; also draws the surrogate samples.
 
     Attributes:
@@ -208,7 +213,7 @@ class AmortizedSampler:
                  antithetic: bool = True, prior_weight: float = 1.0, n_steps: int = 8,
                  conditioner: str = "spectral",
                  hidden: int = 256, n_eig: int = 64, local_hidden: int = 0, encoder_width: int = 0,
-                 encoder_blocks: int = 2, seed: int = 0):
+                 encoder_blocks: int = 2, input_bound: float | None = 4.0, seed: int = 0):
         if not isinstance(manifold, Manifold):
             raise TypeError(f"manifold must be a geodiff Manifold, got {type(manifold).__name__}")
         if not isinstance(prior, Prior):
@@ -320,7 +325,8 @@ class AmortizedSampler:
             flow = ConditionalRealNVP(manifold, channels=C, condition_channels=cc, n_steps=n_steps,
                                       conditioner=conditioner, hidden=hidden, n_eig=n_eig,
                                       local_hidden=local_hidden, encoder_width=encoder_width,
-                                      encoder_blocks=encoder_blocks, seed=seed)
+                                      encoder_blocks=encoder_blocks, input_bound=input_bound,
+                                      seed=seed)
         elif not isinstance(flow, ConditionalRealNVP):
             raise TypeError(f"flow must be a ConditionalRealNVP, got {type(flow).__name__}")
         if (flow.n_vertices, flow.channels, flow.condition_channels) != (V, C, cc):
@@ -1202,7 +1208,8 @@ class AmortizedSampler:
                                           local_hidden=fc.get("local_hidden", 0),  # files before 0.3
                                           encoder_width=fc.get("encoder_width", 0),  # older files: none
                                           encoder_blocks=fc.get("encoder_blocks", 2),
-                                          max_log_scale=fc["max_log_scale"], seed=fc["seed"]))
+                                          max_log_scale=fc["max_log_scale"],
+                                          input_bound=fc.get("input_bound"), seed=fc["seed"]))
         flat = {tuple(_key(p) for p in k.split("/")[1:]): arrays[k] for k in arrays
                 if k.startswith("flow/")}
         pure = nnx.to_pure_dict(out.params)

@@ -289,15 +289,23 @@ class AffineCoupling(nnx.Module):
     """x_b ← x_b·e^{s(x_a, c)} + t(x_a, c) on the vertices where ``part`` is True; x_a unchanged.
 
     The log-scale is bounded, s = ``max_log_scale``·tanh(raw / ``max_log_scale``), and log|det| =
-    Σ s over transformed, valid entries.
+    Σ s over transformed, valid entries. With ``input_bound`` = b the conditioner sees
+    b·tanh(x_a / b) instead of x_a (invertibility and log|det| unchanged: x_a passes through).
     """
 
-    def __init__(self, conditioner, part, valid, *, max_log_scale: float = 2.0):
+    def __init__(self, conditioner, part, valid, *, max_log_scale: float = 2.0,
+                 input_bound: float | None = None):
         self.conditioner = conditioner
         self.m = Const(jnp.asarray(np.asarray(part) & np.asarray(valid), jnp.float32)[:, None])
         self.max_log_scale = float(max_log_scale)
+        self.input_bound = None if input_bound is None else float(input_bound)
+
+    def _in(self, x_a):
+        b = self.input_bound
+        return x_a if b is None else b * jnp.tanh(x_a / b)
 
     def _st(self, x_a, condition):
+        x_a = self._in(x_a)
         u = x_a if condition is None else jnp.concatenate([x_a, condition], axis=-1)
         raw = self.conditioner(u)
         C = x_a.shape[-1]
@@ -305,7 +313,7 @@ class AffineCoupling(nnx.Module):
         return s, raw[..., C:] * self.m[...]
 
     def _st_prepared(self, x_a, terms):
-        raw = self.conditioner.apply(x_a, terms)
+        raw = self.conditioner.apply(self._in(x_a), terms)
         C = x_a.shape[-1]
         s = self.max_log_scale * jnp.tanh(raw[..., :C] / self.max_log_scale) * self.m[...]
         return s, raw[..., C:] * self.m[...]
@@ -347,13 +355,18 @@ class ConditionalRealNVP(nnx.Module):
             condition and the spectral conditioner.
         encoder_blocks: its diffusion blocks.
         max_log_scale: bound of the couplings' log-scales.
+        input_bound: b > 0 soft-clips what the conditioners see, b·tanh(v / b), for both the
+            untransformed half x_a and the condition c (None: no clip). The couplings then never
+            evaluate their networks outside ±b, where they were not trained: a condition or an
+            intermediate draw beyond the training range cannot make them extrapolate
+            (docs/amortized.md, "Out-of-range signals"). The map stays exactly invertible.
         seed: initialization seed.
     """
 
     def __init__(self, manifold: Manifold, *, channels: int = 1, condition_channels: int = 0,
                  n_steps: int = 8, conditioner: str = "spectral", hidden: int = 256, n_eig: int = 64,
                  local_hidden: int = 0, encoder_width: int = 0, encoder_blocks: int = 2,
-                 max_log_scale: float = 2.0, seed: int = 0):
+                 max_log_scale: float = 2.0, input_bound: float | None = None, seed: int = 0):
         if conditioner not in ("spectral", "dense"):
             raise ValueError(f"conditioner must be 'spectral' or 'dense', got {conditioner!r}")
         for name, val in (("channels", channels), ("n_steps", n_steps), ("hidden", hidden)):
@@ -370,6 +383,11 @@ class ConditionalRealNVP(nnx.Module):
             raise ValueError("encoder_width > 0 needs a conditional flow (condition_channels > 0) "
                              f"with conditioner='spectral', got condition_channels="
                              f"{condition_channels}, conditioner={conditioner!r}")
+        if input_bound is not None and not (isinstance(input_bound, (int, float, np.floating))
+                                            and not isinstance(input_bound, bool)
+                                            and math.isfinite(input_bound) and input_bound > 0):
+            raise ValueError(f"input_bound must be None or a finite number > 0, got {input_bound!r}")
+        self.input_bound = None if input_bound is None else float(input_bound)
         rngs = nnx.Rngs(seed)
         V = manifold.n_vertices
         self.n_vertices, self.channels, self.condition_channels = V, channels, condition_channels
@@ -378,7 +396,8 @@ class ConditionalRealNVP(nnx.Module):
         self.config = (("n_steps", int(n_steps)), ("conditioner", conditioner), ("hidden", int(hidden)),
                        ("n_eig", int(n_eig)), ("local_hidden", int(local_hidden)),
                        ("encoder_width", int(encoder_width)), ("encoder_blocks", int(encoder_blocks)),
-                       ("max_log_scale", float(max_log_scale)), ("seed", int(seed)))
+                       ("max_log_scale", float(max_log_scale)), ("input_bound", self.input_bound),
+                       ("seed", int(seed)))
         valid = np.asarray(manifold.valid)
         spatial = vertex_partition(manifold)
         rand = np.zeros(V, dtype=bool)
@@ -400,8 +419,10 @@ class ConditionalRealNVP(nnx.Module):
         for k in range(n_steps):
             part = spatial if k % 2 == 0 else rand
             layers.append(ActNorm(V, channels, valid))
-            layers.append(AffineCoupling(make(), part, valid, max_log_scale=max_log_scale))
-            layers.append(AffineCoupling(make(), ~part, valid, max_log_scale=max_log_scale))
+            layers.append(AffineCoupling(make(), part, valid, max_log_scale=max_log_scale,
+                                         input_bound=input_bound))
+            layers.append(AffineCoupling(make(), ~part, valid, max_log_scale=max_log_scale,
+                                         input_bound=input_bound))
         self.layers = nnx.List(layers)
         self.valid = Const(jnp.asarray(valid, jnp.float32)[:, None])
 
@@ -419,6 +440,8 @@ class ConditionalRealNVP(nnx.Module):
         """The conditioning every coupling receives: c itself, or [c, e(c)] (B, V, Cc + W) with
         a :class:`ConditionEncoder`. Pass it to :meth:`forward` / :meth:`inverse` with
         ``encoded=True`` to evaluate the encoder once for many draws of the same condition."""
+        if condition is not None and self.input_bound is not None:
+            condition = self.input_bound * jnp.tanh(condition / self.input_bound)
         if condition is None or self.encoder is None:
             return condition
         return jnp.concatenate([condition, self.encoder(condition)], axis=-1)
@@ -433,7 +456,7 @@ class ConditionalRealNVP(nnx.Module):
             self._check(x, condition[..., :cc], name)
             return condition
         self._check(x, condition, name)
-        return self.encode(condition)
+        return condition if encoded else self.encode(condition)   # encode() once, not twice
 
     def prepare(self, condition, *, encoded: bool = False) -> list:
         """What every coupling computes from the condition alone, once per condition: a list
