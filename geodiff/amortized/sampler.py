@@ -12,7 +12,8 @@ The sampler draws ``x = m(y) + L₀(y)·G_φ(z; c(y))``, ``z ~ N(0, τ² I)``:
 * ``L₀``: a square root of the surrogate's posterior covariance (:mod:`geodiff.amortized.surrogate`);
 * ``G_φ``: a :class:`~geodiff.flows.ConditionalRealNVP` on the whitened coordinates, conditioned on
   ``c(y)`` = [(m − μ)/s, Aᵀ(y − Aμ)/√(s² + σ²), mask, sd₀/s] (μ, s the surrogate's prior mean
-  and std, σ the noise std, sd₀ the base's per-entry std). It starts as the identity, so an untrained sampler's mean *is* its
+  and std, σ the noise std, sd₀ the base's per-entry std); its conditioners see inputs clipped
+  to ±``input_bound``. It starts as the identity, so an untrained sampler's mean *is* its
   centre and (with the surrogate centre) it samples the surrogate posterior exactly;
 * ``τ``: the base temperature, 1 until :meth:`AmortizedSampler.calibrate` sets it.
 
