@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +38,7 @@ from _common import (LEARNED_FROM, Stages, aps_rows, fit_aps, make_aps, meta,  #
                      run_closed_form, score, scoring, write_outputs)
 from bunny_mnist_inpainting import TASK, Config  # noqa: E402  (the comparison's task and config)
 
-from geodiff import Mesh  # noqa: E402
+from geodiff import GaussianSurrogate, Mesh  # noqa: E402
 from geodiff.baselines import gaussian_fit, kriging  # noqa: E402
 from geodiff.data import bunny_mnist  # noqa: E402
 from geodiff.operators import RandomMask  # noqa: E402
@@ -65,7 +66,8 @@ MODES = {
 def out_of_range(test, mean, factor, nugget, *, z: float = OUT_Z) -> np.ndarray:
     """(B,) bool: the signals with some vertex farther than ``z`` marginal stds of the Gaussian
     fit from its mean."""
-    sd = np.sqrt((np.asarray(factor) ** 2).sum(1).reshape(np.shape(mean)) + np.asarray(nugget))
+    sd = np.asarray(GaussianSurrogate(*(jnp.asarray(a, jnp.float32)
+                                        for a in (mean, factor, nugget))).marginal_std)
     dev = np.abs(np.asarray(test) - np.asarray(mean)) / sd
     return dev.reshape(len(dev), -1).max(1) > z
 

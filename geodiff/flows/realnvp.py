@@ -285,6 +285,11 @@ class ConditionEncoder(nnx.Module):
         return h * geo.valid[None, :, None]
 
 
+def soft_clip(v, bound: float | None):
+    """b·tanh(v / b) (None: v unchanged): what the conditioners see with ``input_bound`` = b."""
+    return v if bound is None else bound * jnp.tanh(v / bound)
+
+
 class AffineCoupling(nnx.Module):
     """x_b ← x_b·e^{s(x_a, c)} + t(x_a, c) on the vertices where ``part`` is True; x_a unchanged.
 
@@ -301,8 +306,7 @@ class AffineCoupling(nnx.Module):
         self.input_bound = None if input_bound is None else float(input_bound)
 
     def _in(self, x_a):
-        b = self.input_bound
-        return x_a if b is None else b * jnp.tanh(x_a / b)
+        return soft_clip(x_a, self.input_bound)
 
     def _st(self, x_a, condition):
         x_a = self._in(x_a)
@@ -440,8 +444,8 @@ class ConditionalRealNVP(nnx.Module):
         """The conditioning every coupling receives: c itself, or [c, e(c)] (B, V, Cc + W) with
         a :class:`ConditionEncoder`. Pass it to :meth:`forward` / :meth:`inverse` with
         ``encoded=True`` to evaluate the encoder once for many draws of the same condition."""
-        if condition is not None and self.input_bound is not None:
-            condition = self.input_bound * jnp.tanh(condition / self.input_bound)
+        if condition is not None:
+            condition = soft_clip(condition, self.input_bound)
         if condition is None or self.encoder is None:
             return condition
         return jnp.concatenate([condition, self.encoder(condition)], axis=-1)
