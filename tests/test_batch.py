@@ -243,3 +243,17 @@ def test_measurements_sharing_a_mask_share_one_base_factor(x64):
     mix, mm = _case("mixture", n_meas=2)
     mix.sample(k, mm[:1], 2)
     assert not getattr(mix, "_mask_factors", {})
+
+
+def test_take_pads_slices_and_passes_a_whole_batch_through():
+    """batch.take: rows lo:hi padded by repeating row hi − 1; the whole batch is returned as is
+    (no copy: a lone measurement's sample() makes no eager device op for it)."""
+    from geodiff.amortized import batch as _batch
+
+    tree = {"a": jnp.arange(5.0), "b": jnp.arange(10.0).reshape(5, 2)}
+    assert _batch.take(tree, 0, 5, 5) is tree
+    part = _batch.take(tree, 1, 3, 2)
+    np.testing.assert_array_equal(part["a"], [1.0, 2.0])
+    np.testing.assert_array_equal(part["b"], [[2.0, 3.0], [4.0, 5.0]])
+    padded = _batch.take(tree, 3, 5, 4)
+    np.testing.assert_array_equal(padded["a"], [3.0, 4.0, 4.0, 4.0])

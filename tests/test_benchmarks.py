@@ -587,3 +587,38 @@ def test_pair_outliers_smoke(tmp_path, monkeypatch, bench_cache):
         assert row["input_bound"] == 4.0 and 0 <= row["far_draw_share"] <= 1
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"] == \
         json.loads(json.dumps(result["rows"]))
+
+
+@pytest.mark.slow
+def test_sample_latency_smoke(tmp_path, monkeypatch, bench_cache):
+    monkeypatch.setenv("GEODIFF_CACHE", str(bench_cache))
+    result = load_script("sample_latency").main(["--smoke", "--n", "4", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert [r["variant"].split(",")[0] for r in rows] == ["sphere 46×90"] * 2 + ["grid 32×32 denoise"]
+    for r in rows:
+        assert all(r[f"{a}_{b}_mask_s"] > 0 for a in ("1", "n") for b in ("new", "known"))
+    with pytest.raises(SystemExit, match="--n must be ≥ 2"):
+        load_script("sample_latency").main(["--smoke", "--n", "1", "--out", str(tmp_path)])
+
+
+def test_sample_latency_pauses_and_always_resumes_the_given_process():
+    """--pause-pid: the process is stopped inside the timed block and running after it, also
+    when the block raises."""
+    import subprocess
+
+    paused = load_script("sample_latency").paused
+    proc = subprocess.Popen(["sleep", "60"])
+
+    def state():
+        return Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[0]
+    try:
+        with paused(proc.pid):
+            assert state() == "T"
+        assert state() != "T"
+        with pytest.raises(RuntimeError), paused(proc.pid):
+            raise RuntimeError("boom")
+        assert state() != "T"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -8,8 +8,8 @@ from flax import nnx
 
 from geodiff import Grid, Mesh, Sphere
 from geodiff.diffusion.network import ring_table
-from geodiff.flows import (ActNorm, AffineCoupling, ConditionalRealNVP, SpectralConditioner,
-                           vertex_partition)
+from geodiff.flows import (ActNorm, AffineCoupling, ConditionalRealNVP, SpectralBasis,
+                           SpectralConditioner, vertex_partition)
 
 
 def perturb(module, scale=0.3, seed=0):
@@ -202,6 +202,28 @@ def test_prepared_condition_is_the_same_flow(kw, x64):
         flow.forward(z[:5], prepared=prepared)
     with pytest.raises(ValueError, match="prepare"):
         flow.forward(z, prepared=prepared[:-1])
+
+
+def test_couplings_share_one_copy_of_the_spectral_tables():
+    """Every coupling of a flow reads one SpectralBasis: its state holds Φ, Φᵀ M and the ring
+    table once, whatever the number of couplings (a copy per coupling made one sphere draw read
+    16 × 2.1 MB of tables), and a split/merge round trip keeps the sharing."""
+    g = Grid(6, 6)
+    for n_steps in (1, 3):
+        flow = ConditionalRealNVP(g, condition_channels=2, n_steps=n_steps, hidden=8, n_eig=5,
+                                  local_hidden=4)
+        gd, params, rest = nnx.split(flow, nnx.Param, ...)
+        tables = [leaf for leaf in jax.tree.leaves(rest) if leaf.shape in ((36, 5), (5, 36))]
+        assert len(tables) == 2
+        merged = nnx.merge(gd, params, rest)
+        conds = [layer.conditioner for layer in merged.layers if isinstance(layer, AffineCoupling)]
+        assert len(conds) == 2 * n_steps and all(c.basis is conds[0].basis for c in conds)
+    _, evecs = g.eigenpairs(5)
+    basis = SpectralBasis(evecs, g.mass)
+    with pytest.raises(ValueError, match="mass=None and ring=None"):
+        SpectralConditioner(basis, g.mass, 1, 1, hidden=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="evecs must be"):
+        SpectralBasis(evecs, g.mass[:-1])
 
 
 def test_each_layer_alone(x64):

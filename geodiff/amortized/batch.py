@@ -78,7 +78,9 @@ def take(tree, lo: int, hi: int, size: int):
     row ``hi − 1`` (a valid measurement, so the padded rows compute something harmless)."""
     idx = np.minimum(np.arange(lo, lo + size), hi - 1)
     if hi - lo == size:
-        return jax.tree.map(lambda a: a[lo:hi], tree)
+        if lo == 0 and all(a.shape[0] == size for a in jax.tree.leaves(tree)):
+            return tree                                  # the whole batch: no copy, no dispatch
+        return jax.tree.map(lambda a: jax.lax.slice_in_dim(a, lo, hi), tree)
     return jax.tree.map(lambda a: jnp.asarray(a)[idx], tree)
 
 

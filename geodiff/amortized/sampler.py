@@ -480,10 +480,11 @@ class AmortizedSampler:
         if np.dtype(y.dtype).kind != "f":
             raise TypeError(f"{name}.y must be a floating-point array, got dtype {y.dtype}")
         if not isinstance(y, jax.core.Tracer):
-            if not bool(jnp.all(jnp.isfinite(y))):
+            # checked on the host: one eager device op costs more than this whole check
+            if not np.isfinite(np.asarray(y)).all():
                 raise ValueError(f"{name}.y contains NaN or infinite values")
             if self.kind == "dense" or type(self.operator).__name__ == "Denoise":
-                if not bool(jnp.all(measurement.mask)):
+                if not np.asarray(measurement.mask).all():
                     raise ValueError(f"{name}.mask has missing entries, but "
                                      f"{type(self.operator).__name__} observes every entry: was it "
                                      "taken with another operator?")
@@ -872,7 +873,9 @@ class AmortizedSampler:
     def _batched(self, measurement, name: str = "measurement"):
         """(measurement with a batch axis, whether the input had one)."""
         batch = self.check_measurement(measurement, name=name)
-        m = jax.tree.map(lambda a: jnp.asarray(a)[None] if not batch else jnp.asarray(a), measurement)
+        # lax.expand_dims, not a[None]: indexing goes through jnp's slower __getitem__ path
+        m = jax.tree.map(lambda a: jax.lax.expand_dims(jnp.asarray(a), (0,)) if not batch
+                         else jnp.asarray(a), measurement)
         return m, bool(batch)
 
     def sample(self, key, measurement: Measurement, n: int = 1, *, chunk: int | None = None,
@@ -901,7 +904,7 @@ class AmortizedSampler:
         parts = [p.samples for p in self._chunks(key, m, n, chunk, (), True, 0, progress,
                                                   "sample")]
         x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-        return x[:, 0] if not batched else x
+        return jax.lax.squeeze(x, (1,)) if not batched else x
 
     def iter_posterior(self, key, measurement: Measurement, n: int = 128, *, chunk: int = 64,
                        quantiles=(), keep_samples: bool = False, start: int = 0,
@@ -962,7 +965,7 @@ class AmortizedSampler:
             mc = _batch.shard(_batch.take(m, lo, hi, size), devices)
             fr = self._frozen_for_mask(frozen, mc)
             # returned ready: concurrent LAPACK programs can deadlock XLA's CPU runtime
-            out = jax.block_until_ready(run(self.params, fr, mc, key, jnp.int32(lo), n=n, **kw))
+            out = jax.block_until_ready(run(self.params, fr, mc, key, np.int32(lo), n=n, **kw))
             yield _batch.PosteriorChunk.of(lo, hi, out)
 
     #: masks whose base factor a sampler keeps (:meth:`_frozen_for_mask`), least recent dropped

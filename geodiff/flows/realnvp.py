@@ -128,6 +128,31 @@ class DenseConditioner(nnx.Module):
         return self.l3(h).reshape(x.shape[0], self.V, 2 * self.C)
 
 
+class SpectralBasis(nnx.Module):
+    """The constant tables a flow's spectral conditioners read: Φ (V, K) float32, its mass-weighted
+    transpose Φᵀ M (K, V), and the 1-ring table when ring means are used.
+
+    One instance is shared by every coupling of a :class:`ConditionalRealNVP` (flax's graph keeps
+    one copy of a module referenced from several places): the program then reads one (V, K) pair
+    of tables, which stays in cache, instead of a copy per coupling (on the 46×90 sphere 16 × 2.1
+    MB of memory traffic per draw; docs/results.md, "The one-sample floor").
+
+    Args:
+        evecs: (V, K) Laplacian eigenvectors.
+        mass: (V,) vertex masses.
+        ring: the 1-ring table (:func:`~geodiff.diffusion.network.ring_table`) or None.
+    """
+
+    def __init__(self, evecs, mass, ring=None):
+        evecs = np.asarray(evecs, np.float32)
+        mass = np.asarray(mass, np.float32)
+        if evecs.ndim != 2 or mass.shape != evecs.shape[:1]:
+            raise ValueError(f"evecs must be (V, K) and mass (V,), got {evecs.shape} and {mass.shape}")
+        self.evecs = Const(jnp.asarray(evecs))
+        self.proj = Const(jnp.asarray((evecs * mass[:, None]).T))
+        self.ring = None if ring is None else _const_table(ring)
+
+
 class SpectralConditioner(nnx.Module):
     """Geometry-aware conditioner whose size grows with V·K, not V².
 
@@ -138,7 +163,8 @@ class SpectralConditioner(nnx.Module):
     part cannot (e.g. the edges of a digit). All output layers start at zero (identity coupling).
 
     Args:
-        evecs: (V, K) Laplacian eigenvectors.
+        evecs: (V, K) Laplacian eigenvectors, or a :class:`SpectralBasis` to share (then ``mass``
+            and ``ring`` are taken from it and must be None).
         mass: (V,) vertex masses.
         channels: C, the signal's channels; the input has C + Cc channels.
         condition_channels: Cc, the condition's channels.
@@ -155,21 +181,26 @@ class SpectralConditioner(nnx.Module):
 
     def __init__(self, evecs, mass, channels: int, condition_channels: int, *, hidden: int,
                  rngs: nnx.Rngs, ring=None, local_hidden: int = 0, global_channels: int | None = None):
-        K = evecs.shape[1]
+        if isinstance(evecs, SpectralBasis):
+            if mass is not None or ring is not None:
+                raise ValueError("with a SpectralBasis, pass mass=None and ring=None (the basis "
+                                 "holds them)")
+            basis = evecs
+        else:
+            basis = SpectralBasis(evecs, mass, ring)
+        self.basis = basis
+        K = basis.evecs.shape[1]
         self.C = channels
         c_in = channels + condition_channels
         self.c_glob = c_in if global_channels is None else int(global_channels)
-        self.evecs = Const(jnp.asarray(evecs, jnp.float32))
-        self.proj = Const(jnp.asarray((evecs * mass[:, None]).T, jnp.float32))
         self.g1 = nnx.Linear(K * self.c_glob, hidden, rngs=rngs)
         self.g2 = nnx.Linear(hidden, hidden, rngs=rngs)
         self.g3 = nnx.Linear(hidden, K * 2 * channels, rngs=rngs, kernel_init=nnx.initializers.zeros)
         self.local = nnx.Linear(c_in, 2 * channels, rngs=rngs, kernel_init=nnx.initializers.zeros)
         self.local_hidden = int(local_hidden)
         if self.local_hidden:
-            if ring is None:
+            if basis.ring is None:
                 raise ValueError("local_hidden > 0 needs the neighbour table ring= (a RingTable)")
-            self.ring = _const_table(ring)
             self.l1 = nnx.Linear(2 * self.c_glob + c_in, local_hidden, rngs=rngs)
             self.l2 = nnx.Linear(local_hidden, local_hidden, rngs=rngs)
             self.l3 = nnx.Linear(local_hidden, 2 * channels, rngs=rngs,
@@ -177,15 +208,15 @@ class SpectralConditioner(nnx.Module):
 
     def _ring_mean(self, h):
         """Weighted 1-ring mean (:func:`~geodiff.diffusion.network.ring_mean`), (B, V, W)."""
-        return ring_mean(h, _table_value(self.ring))
+        return ring_mean(h, _table_value(self.basis.ring))
 
     def __call__(self, u):
         B, V, c_in = u.shape
-        coef = jnp.einsum("kv,bvi->bki", self.proj[...], u[..., : self.c_glob]).reshape(B, -1)
+        coef = jnp.einsum("kv,bvi->bki", self.basis.proj[...], u[..., : self.c_glob]).reshape(B, -1)
         h = jax.nn.silu(self.g1(coef))
         h = jax.nn.silu(self.g2(h))
         out = self.g3(h).reshape(B, -1, 2 * self.C)
-        glob = jnp.einsum("vk,bko->bvo", self.evecs[...], out)
+        glob = jnp.einsum("vk,bko->bvo", self.basis.evecs[...], out)
         out = glob + self.local(u.reshape(B * V, c_in)).reshape(B, V, 2 * self.C)
         if self.local_hidden:
             r1 = self._ring_mean(u[..., : self.c_glob])
@@ -204,9 +235,9 @@ class SpectralConditioner(nnx.Module):
         """Per-condition terms of the first layers from c (B, V, Cc) (the input's channels after
         the C signal channels): ``g1`` (B, H), ``local`` (B, V, 2C), and ``l1`` (B, V, Lh)."""
         C, cg = self.C, self.c_glob
-        K = self.proj.shape[0]
+        K = self.basis.proj.shape[0]
         c_glob = c[..., : cg - C]
-        coef = jnp.einsum("kv,bvi->bki", self.proj[...], c_glob)              # (B, K, cg − C)
+        coef = jnp.einsum("kv,bvi->bki", self.basis.proj[...], c_glob)              # (B, K, cg − C)
         W1 = self.g1.kernel[...].reshape(K, cg, -1)
         terms = {"g1": jnp.einsum("bki,kih->bh", coef, W1[:, C:]) + self.g1.bias[...],
                  "local": c @ self.local.kernel[...][C:] + self.local.bias[...]}
@@ -222,13 +253,13 @@ class SpectralConditioner(nnx.Module):
         """``self([x, c])`` from x (N, V, C) and :meth:`prepare`'s terms (B, …), N = n·B."""
         N, V, C = x.shape
         cg = self.c_glob
-        K = self.proj.shape[0]
-        coef = jnp.einsum("kv,bvi->bki", self.proj[...], x)                  # (N, K, C)
+        K = self.basis.proj.shape[0]
+        coef = jnp.einsum("kv,bvi->bki", self.basis.proj[...], x)                  # (N, K, C)
         W1 = self.g1.kernel[...].reshape(K, cg, -1)
         h = jax.nn.silu(_plus(jnp.einsum("bki,kih->bh", coef, W1[:, :C]), terms["g1"]))
         h = jax.nn.silu(self.g2(h))
         out = self.g3(h).reshape(N, -1, 2 * C)
-        out = jnp.einsum("vk,bko->bvo", self.evecs[...], out) + _plus(
+        out = jnp.einsum("vk,bko->bvo", self.basis.evecs[...], out) + _plus(
             x @ self.local.kernel[...][:C], terms["local"])
         if self.local_hidden:
             c_in = self.local.kernel.shape[0]
@@ -412,9 +443,10 @@ class ConditionalRealNVP(nnx.Module):
         if conditioner == "spectral":
             evals, evecs = manifold.eigenpairs(min(n_eig, manifold.max_eigenpairs))
             ring = ring_table(manifold.laplacian, valid) if local_hidden else None
-            make = lambda: SpectralConditioner(evecs, manifold.mass, channels,  # noqa: E731
+            basis = SpectralBasis(evecs, manifold.mass, ring)     # one copy for every coupling
+            make = lambda: SpectralConditioner(basis, None, channels,  # noqa: E731
                                                condition_channels + int(encoder_width),
-                                               hidden=hidden, rngs=rngs, ring=ring,
+                                               hidden=hidden, rngs=rngs,
                                                local_hidden=local_hidden,
                                                global_channels=channels + condition_channels)
         else:
