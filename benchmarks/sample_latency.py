@@ -12,10 +12,17 @@ pairs, 256 hidden, 64 modes; ring MLP 32). Compilation is excluded. Run it with 
 the machine, or pass ``--pause-pid PID`` to pause a long background job (SIGSTOP, then SIGCONT)
 while the timed calls run (the programs are compiled before the pause).
 
+``--stages`` times instead where one draw's compiled program spends its time, on the spectral
+variants (sphere R = 128 and grid): the program cut after the base mean, the condition c(y), the
+flow's per-condition terms (``prepare``), the flow, and the base map x = m₀ + L₀ u (all of it),
+with a mask seen before; each cut is its own compiled program, so differences are approximate.
+
     python benchmarks/sample_latency.py                  # ≈ 3 min on 2 CPU cores
+    python benchmarks/sample_latency.py --stages         # the stage breakdown
     python benchmarks/sample_latency.py --smoke          # what the tests run
 
-Prints a table and writes ``<out>/results.json`` (default ``outputs/sample_latency``).
+Prints a table and writes ``<out>/results.json`` (default ``outputs/sample_latency``;
+``<out>/stages.json`` with ``--stages``).
 """
 
 from __future__ import annotations
@@ -74,6 +81,46 @@ def cases(smoke: bool):
                                 local_hidden=lh, **size), gone)
 
 
+STAGES = ("base mean", "condition", "flow terms", "flow", "base map")
+
+
+def stage_programs(sampler, one):
+    """(compiled program of one draw cut after stage k, its arguments) for each of STAGES, with
+    the base factor of ``one``'s mask kept (a mask seen before)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from geodiff.amortized.surrogate import base_forward
+
+    m = jax.tree.map(lambda a: jnp.asarray(a)[None], one)
+    frozen = sampler._frozen_for_mask(sampler._frozen(), m)
+    V, C = sampler.surrogate.mean.shape
+    z = jax.random.normal(jax.random.key(0), (1, V, C))
+
+    def upto(stage, params, frozen, m, z):
+        b = sampler._base(frozen, m)
+        if stage == 0:
+            return b["m0"]
+        c = sampler._features(frozen["sur"], m, b)
+        if stage == 1:
+            return c
+        b = sampler._strip(b)
+        flow = nnx.merge(sampler._graphdef, params, frozen["consts"])
+        prepared = flow.prepare(c)
+        if stage == 2:
+            return prepared
+        u, _ = flow.forward(z, None, prepared=prepared)
+        if stage == 3:
+            return u
+        return base_forward(sampler.kind, frozen["sur"], frozen["shared"], b, u)[0]
+
+    args = (sampler.params, frozen, m, z)
+    progs = [jax.jit(lambda *a, k=k: upto(k, *a)) for k in range(len(STAGES))]
+    for prog in progs:
+        jax.block_until_ready(prog(*args))
+    return progs, args
+
+
 @contextlib.contextmanager
 def paused(pid: int | None):
     """SIGSTOP ``pid`` for the duration of the block (SIGCONT after it, whatever happens)."""
@@ -93,6 +140,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--n", type=int, default=128, help="the many-sample call's draws")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (n = 1; n: a quarter)")
+    p.add_argument("--stages", action="store_true",
+                   help="time where one draw's program spends its time (spectral variants)")
     p.add_argument("--pause-pid", type=int, default=None,
                    help="a background process to pause while timing (SIGSTOP / SIGCONT)")
     p.add_argument("--out", type=Path, default=Path("outputs/sample_latency"))
@@ -110,6 +159,9 @@ def main(argv=None):
         return sampler.sample(jax.random.key(1), one, n)
 
     todo = list(cases(args.smoke))
+    if args.stages:
+        return stages(args, [t for t in todo if "spectral" in t[0] and "R = 256" not in t[0]],
+                      repeats)
     for _, sampler, one in todo:              # compile every program before timing
         for n in (1, args.n):
             new_mask(sampler, one, n)
@@ -138,6 +190,31 @@ def main(argv=None):
               f" | {1e3 * r['n_new_mask_s']:.1f} | {1e3 * r['n_known_mask_s']:.1f} |" for r in rows]
     print("\n".join(lines))
     print(f"wrote {args.out / 'results.json'}")
+    return result
+
+
+def stages(args, todo, repeats: int) -> dict:
+    """The stage breakdown of one draw (``--stages``): cumulative and per-stage seconds."""
+    built = [(label, *stage_programs(sampler, one)) for label, sampler, one in todo]
+    rows = []
+    with paused(args.pause_pid):
+        for label, progs, a in built:
+            cum = [time_call(prog, *a, repeats=repeats)[0] for prog in progs]
+            rows.append({"variant": label, "cumulative_s": dict(zip(STAGES, cum)),
+                         "stage_s": dict(zip(STAGES, np.diff([0.0] + cum).tolist()))})
+    result = {"meta": {"seed": 0, "smoke": args.smoke, "repeats": repeats,
+                       "paused_pid": args.pause_pid, "machine": machine_info(),
+                       "versions": versions(), "stages": STAGES,
+                       "note": "one draw, mask seen before; each cut is its own compiled program"},
+              "rows": rows}
+    write_json(args.out / "stages.json", result)
+    lines = ["| variant | " + " | ".join(f"+ {s} (ms)" for s in STAGES) + " |",
+             "|---|" + "---|" * len(STAGES)]
+    lines += [f"| {r['variant']} | " + " | ".join(f"{1e3 * r['cumulative_s'][s]:.2f}"
+                                                  for s in STAGES) + " |" for r in rows]
+    print("cumulative time of the program cut after each stage:")
+    print("\n".join(lines))
+    print(f"wrote {args.out / 'stages.json'}")
     return result
 
 

@@ -600,6 +600,11 @@ def test_sample_latency_smoke(tmp_path, monkeypatch, bench_cache):
         assert all(r[f"{a}_{b}_mask_s"] > 0 for a in ("1", "n") for b in ("new", "known"))
     with pytest.raises(SystemExit, match="--n must be ≥ 2"):
         load_script("sample_latency").main(["--smoke", "--n", "1", "--out", str(tmp_path)])
+    st = load_script("sample_latency").main(["--smoke", "--stages", "--out", str(tmp_path)])
+    assert [r["variant"].split(",")[0] for r in st["rows"]] == ["sphere 46×90"]
+    for r in st["rows"]:
+        assert list(r["cumulative_s"]) == list(st["meta"]["stages"])
+        assert all(v > 0 for v in r["cumulative_s"].values())
 
 
 def test_sample_latency_pauses_and_always_resumes_the_given_process():
