@@ -127,12 +127,29 @@ def paused(pid: int | None):
     if pid is None:
         yield
         return
+    print(f"pausing process {pid} while timing (if this script dies, resume it: kill -CONT {pid})")
     os.kill(pid, signal.SIGSTOP)
     try:
         time.sleep(0.3)                       # let its threads leave the cores
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):     # it may have ended meanwhile
+            os.kill(pid, signal.SIGCONT)
+
+
+def check_pause_pid(pid: int) -> None:
+    """Refuse a ``--pause-pid`` that is not one other live process this user may signal (0, a
+    negative pid, this process or its group would stop the benchmark itself or everything)."""
+    if pid <= 0 or pid == os.getpid() or pid == os.getpgid(0):
+        raise SystemExit(f"--pause-pid must be another process's id (> 0, not this process or "
+                         f"its group), got {pid}")
+    try:
+        os.kill(pid, 0)
+        if os.getpgid(pid) == os.getpgid(0):
+            raise SystemExit(f"--pause-pid {pid} is in this process's group: pausing it could "
+                             "stop this benchmark too")
+    except OSError as e:
+        raise SystemExit(f"--pause-pid {pid}: {e.strerror}") from None
 
 
 def main(argv=None):
@@ -148,11 +165,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n < 2:
         raise SystemExit(f"--n must be ≥ 2, got {args.n}")
-    repeats = args.repeats or (1 if args.smoke else 20)
+    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 20)
     if repeats < 1:
         raise SystemExit(f"--repeats must be ≥ 1, got {repeats}")
     if args.pause_pid is not None:
-        os.kill(args.pause_pid, 0)            # exists (raises otherwise), before any work
+        check_pause_pid(args.pause_pid)       # before any work
 
     def new_mask(sampler, one, n):            # a mask the sampler has not seen: its own solve
         sampler.__dict__.pop("_mask_factors", None)

@@ -252,6 +252,8 @@ def test_take_pads_slices_and_passes_a_whole_batch_through():
 
     tree = {"a": jnp.arange(5.0), "b": jnp.arange(10.0).reshape(5, 2)}
     assert _batch.take(tree, 0, 5, 5) is tree
+    head = _batch.take(tree, 0, 2, 2)                       # a first chunk is sliced
+    assert head is not tree and head["a"].shape == (2,) and head["b"].shape == (2, 2)
     part = _batch.take(tree, 1, 3, 2)
     np.testing.assert_array_equal(part["a"], [1.0, 2.0])
     np.testing.assert_array_equal(part["b"], [[2.0, 3.0], [4.0, 5.0]])

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -600,6 +601,8 @@ def test_sample_latency_smoke(tmp_path, monkeypatch, bench_cache):
         assert all(r[f"{a}_{b}_mask_s"] > 0 for a in ("1", "n") for b in ("new", "known"))
     with pytest.raises(SystemExit, match="--n must be ≥ 2"):
         load_script("sample_latency").main(["--smoke", "--n", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--repeats must be ≥ 1"):
+        load_script("sample_latency").main(["--smoke", "--repeats", "0", "--out", str(tmp_path)])
     st = load_script("sample_latency").main(["--smoke", "--stages", "--out", str(tmp_path)])
     assert [r["variant"].split(",")[0] for r in st["rows"]] == ["sphere 46×90"]
     for r in st["rows"]:
@@ -624,6 +627,14 @@ def test_sample_latency_pauses_and_always_resumes_the_given_process():
         with pytest.raises(RuntimeError), paused(proc.pid):
             raise RuntimeError("boom")
         assert state() != "T"
+        check = load_script("sample_latency").check_pause_pid
+        for bad in (0, -1, os.getpid()):
+            with pytest.raises(SystemExit, match="another process"):
+                check(bad)
+        with pytest.raises(SystemExit, match="this process's group"):
+            check(proc.pid)                   # a child stays in the test's process group
     finally:
         proc.kill()
         proc.wait()
+    with pytest.raises(SystemExit, match="--pause-pid"):
+        check(proc.pid)                       # no longer exists

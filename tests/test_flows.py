@@ -215,6 +215,11 @@ def test_couplings_share_one_copy_of_the_spectral_tables():
         gd, params, rest = nnx.split(flow, nnx.Param, ...)
         tables = [leaf for leaf in jax.tree.leaves(rest) if leaf.shape in ((36, 5), (5, 36))]
         assert len(tables) == 2
+        ring = ring_table(g.laplacian, g.valid)
+        n_ring = len(jax.tree.leaves(ring))
+        ring_shapes = {np.shape(a) for a in jax.tree.leaves(ring)}
+        assert n_ring and len([leaf for leaf in jax.tree.leaves(rest)
+                               if leaf.shape in ring_shapes]) == n_ring
         merged = nnx.merge(gd, params, rest)
         conds = [layer.conditioner for layer in merged.layers if isinstance(layer, AffineCoupling)]
         assert len(conds) == 2 * n_steps and all(c.basis is conds[0].basis for c in conds)

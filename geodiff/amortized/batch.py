@@ -75,7 +75,9 @@ def spans(n_items: int, size: int, start: int = 0) -> list[tuple[int, int]]:
 
 def take(tree, lo: int, hi: int, size: int):
     """Rows ``lo:hi`` of every leaf of a batched pytree, padded to ``size`` rows by repeating
-    row ``hi − 1`` (a valid measurement, so the padded rows compute something harmless)."""
+    row ``hi − 1`` (a valid measurement, so the padded rows compute something harmless).
+    A whole batch (``lo`` = 0, every leaf ``size`` rows) is returned as ``tree`` itself, not a
+    copy: a compiled call must not donate what this returns."""
     idx = np.minimum(np.arange(lo, lo + size), hi - 1)
     if hi - lo == size:
         if lo == 0 and all(a.shape[0] == size for a in jax.tree.leaves(tree)):

@@ -480,11 +480,14 @@ class AmortizedSampler:
         if np.dtype(y.dtype).kind != "f":
             raise TypeError(f"{name}.y must be a floating-point array, got dtype {y.dtype}")
         if not isinstance(y, jax.core.Tracer):
-            # checked on the host: one eager device op costs more than this whole check
-            if not np.isfinite(np.asarray(y)).all():
+            # on the host where the data already are (NumPy, or the CPU: one eager device op
+            # costs more than this whole check); on an accelerator a device reduction, not a copy
+            on_host = not isinstance(y, jax.Array) or all(d.platform == "cpu" for d in y.devices())
+            xp = np if on_host else jnp
+            if not bool(xp.all(xp.isfinite(y))):
                 raise ValueError(f"{name}.y contains NaN or infinite values")
             if self.kind == "dense" or type(self.operator).__name__ == "Denoise":
-                if not np.asarray(measurement.mask).all():
+                if not bool(xp.all(measurement.mask)):
                     raise ValueError(f"{name}.mask has missing entries, but "
                                      f"{type(self.operator).__name__} observes every entry: was it "
                                      "taken with another operator?")

@@ -144,12 +144,13 @@ class SpectralBasis(nnx.Module):
     """
 
     def __init__(self, evecs, mass, ring=None):
-        evecs = np.asarray(evecs, np.float32)
-        mass = np.asarray(mass, np.float32)
+        evecs = np.asarray(evecs)
+        mass = np.asarray(mass)
         if evecs.ndim != 2 or mass.shape != evecs.shape[:1]:
             raise ValueError(f"evecs must be (V, K) and mass (V,), got {evecs.shape} and {mass.shape}")
-        self.evecs = Const(jnp.asarray(evecs))
-        self.proj = Const(jnp.asarray((evecs * mass[:, None]).T))
+        self.evecs = Const(jnp.asarray(evecs, jnp.float32))
+        # the product in the eigenvectors' own precision, rounded to float32 once
+        self.proj = Const(jnp.asarray((evecs * mass[:, None]).T, jnp.float32))
         self.ring = None if ring is None else _const_table(ring)
 
 
@@ -165,18 +166,23 @@ class SpectralConditioner(nnx.Module):
     Args:
         evecs: (V, K) Laplacian eigenvectors, or a :class:`SpectralBasis` to share (then ``mass``
             and ``ring`` are taken from it and must be None).
-        mass: (V,) vertex masses.
+        mass: (V,) vertex masses; None with a :class:`SpectralBasis`.
         channels: C, the signal's channels; the input has C + Cc channels.
         condition_channels: Cc, the condition's channels.
         hidden: H of the global MLP.
         ring: the 1-ring table (:class:`~geodiff.diffusion.network.RingTable`, from
-            :func:`~geodiff.diffusion.network.ring_table`), needed when ``local_hidden`` > 0.
+            :func:`~geodiff.diffusion.network.ring_table`), needed when ``local_hidden`` > 0
+            (unused otherwise); None with a :class:`SpectralBasis`, which holds it.
         local_hidden: hidden units of the per-vertex MLP (0: linear local part only).
         global_channels: how many leading input channels the global part and the ring means see
             (None: all). The channels after them (a :class:`ConditionEncoder`'s features) go to
             the local linear map and to the per-vertex MLP's first layer as they are, not through
             the ring means (the encoder has its own receptive field), which keeps the global
             MLP's input at K·(C + Cc) and the ring gathers at C + Cc channels.
+
+    Raises:
+        ValueError: ``mass`` or ``ring`` given beside a :class:`SpectralBasis`; ``local_hidden``
+            > 0 without a ring table; ``evecs`` and ``mass`` of mismatched shapes.
     """
 
     def __init__(self, evecs, mass, channels: int, condition_channels: int, *, hidden: int,
@@ -187,7 +193,7 @@ class SpectralConditioner(nnx.Module):
                                  "holds them)")
             basis = evecs
         else:
-            basis = SpectralBasis(evecs, mass, ring)
+            basis = SpectralBasis(evecs, mass, ring if local_hidden else None)
         self.basis = basis
         K = basis.evecs.shape[1]
         self.C = channels
@@ -200,7 +206,8 @@ class SpectralConditioner(nnx.Module):
         self.local_hidden = int(local_hidden)
         if self.local_hidden:
             if basis.ring is None:
-                raise ValueError("local_hidden > 0 needs the neighbour table ring= (a RingTable)")
+                raise ValueError("local_hidden > 0 needs the neighbour table: ring= (a RingTable), "
+                                 "or a SpectralBasis built with ring=")
             self.l1 = nnx.Linear(2 * self.c_glob + c_in, local_hidden, rngs=rngs)
             self.l2 = nnx.Linear(local_hidden, local_hidden, rngs=rngs)
             self.l3 = nnx.Linear(local_hidden, 2 * channels, rngs=rngs,
