@@ -102,11 +102,16 @@ def figure(mesh, truth, meas, est, std, path, *, ratio: float, sigma: float):
     observed = np.asarray(meas.mask[0, :, 0])
     y = np.where(observed, np.asarray(meas.y[0, :, 0]), np.nan)
     fields = {"truth": truth[:, 0], f"measurement ({1 - ratio:.0%} observed)": y}
-    for name in ("APS(128)", "APS(1)", "DPS", "MCG", "FlowPerY", "Kriging", "Harmonic"):
+    for name in ("APS(128)", "APS(1)", "APS[pairs,τ](128)", "APS[mixture,τ](128)", "DPS", "MCG",
+                 "FlowPerY", "Kriging", "Harmonic"):
         if name in est:
-            fields["APS(128) mean" if name == "APS(128)" else name] = est[name][0, :, 0]
-    fields["APS std"] = std[:, 0]
-    fields["APS(128) error"] = est["APS(128)"][0, :, 0] - truth[:, 0]
+            label = ("APS(128) mean (paper's loss)" if name == "APS(128)"
+                     else name.replace("(128)", "(128) mean"))
+            fields[label] = est[name][0, :, 0]
+    fields["APS std (paper's loss)"] = std[:, 0]
+    for name in ("APS(128)", "APS[pairs,τ](128)"):
+        if name in est:
+            fields[f"{name} error"] = est[name][0, :, 0] - truth[:, 0]
     fig = mesh_render(mesh, fields, path, units="grey level", vmin=0.0, vmax=1.0, ncols=4)
     fig.suptitle(f"Bunny-MNIST inpainting ({ratio:.0%} missing, σ = {sigma}), test signal 0")
     fig.savefig(path, dpi=110)

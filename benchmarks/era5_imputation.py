@@ -129,7 +129,8 @@ def run(cfg: Config, out: Path, *, fresh: bool = False, save_sampler=None) -> di
                                 "(member 010). APS: trained on measurements of other ERA5-like "
                                 "fields (seed + 100), never on the test fields.")
     print(table)
-    shown = {k: est[k] for k in ("Kriging", "APS(128)", "DPS") if k in est}
+    shown = {k: est[k] for k in ("Kriging", "APS(128)", "APS[pairs,τ](128)", "APS[mixture,τ](128)",
+                                 "DPS") if k in est}
     plot(sphere, truth[0], meas, shown, out / "globe.png",
          title=f"{info[0][1]}, member {info[0][0]:03d}", aps_std=std[0, :, 0])
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'globe.png'}, "
@@ -144,16 +145,19 @@ def plot(sphere, truth, meas, estimates, path, *, title, aps_std=None):
     y = np.where(observed, np.asarray(meas.y[0, :, 0]), np.nan)
     fields = {"truth": denormalize(truth[:, 0]), "measurement (40% observed, noisy)": denormalize(y)}
     for name, est in estimates.items():
-        fields["APS(128) mean" if name == "APS(128)" else name] = denormalize(est[0, :, 0])
+        label = ("APS(128) mean (paper's loss)" if name == "APS(128)"
+                 else name.replace("(128)", "(128) mean"))
+        fields[label] = denormalize(est[0, :, 0])
     scale = float(denormalize(1.0) - denormalize(0.0))
     if aps_std is not None:
-        fields["APS std"] = np.asarray(aps_std) * scale
-    key = "APS(128)" if "APS(128)" in estimates else "Kriging"
-    fields[f"{key} error"] = denormalize(estimates[key][0, :, 0]) - denormalize(truth[:, 0])
+        fields["APS std (paper's loss)"] = np.asarray(aps_std) * scale
+    keys = [k for k in ("APS(128)", "APS[pairs,τ](128)") if k in estimates] or ["Kriging"]
+    for key in keys:
+        fields[f"{key} error"] = denormalize(estimates[key][0, :, 0]) - denormalize(truth[:, 0])
     globe(sphere, fields, path, units="K", suptitle=f"ERA5-like imputation, held-out GloSea4 field ({title})")
-    ortho = {k: v for k, v in fields.items() if k.startswith(("truth", "APS", key))}
+    ortho = {k: v for k, v in fields.items() if k.startswith(("truth", "APS", *keys))}
     globe(sphere, ortho, Path(path).with_name("globe_ortho.png"), projection="orthographic",
-          units="K", ncols=len(ortho), central_longitude=10.0,
+          units="K", ncols=min(len(ortho), 4), central_longitude=10.0,
           suptitle=f"ERA5-like imputation over Europe and Africa ({title})")
 
 
