@@ -148,6 +148,46 @@ def write_outputs(out: Path, result: dict, title: str, *, notes: str = "", extra
 APS_FLOW_EXTRA = {"aps_encoder_width": 0, "aps_encoder_blocks": 2}
 
 
+#: calibration settings added after full-mode stages were cached: they change only the calibrated
+#: rows (APS[…,τ], APS[mixture,τ]), so they stay out of the run's hash and tag those stages' names
+#: (:func:`cal_tag`); the fits they calibrate are shared.
+CAL_EXTRA = {"calib_on": "train"}
+
+
+def cal_tag(s) -> str:
+    """"" at the :data:`CAL_EXTRA` values, else "-" and a short hash of the settings."""
+    extra = {k: getattr(s, k) for k in CAL_EXTRA}
+    if extra == CAL_EXTRA:
+        return ""
+    return "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def calibration_signals(s, held_out, val):
+    """The clean signals τ is set on: ``held_out`` (training-split signals held out of the pair
+    objectives) when ``s.calib_on == "train"``; with ``"val"`` the task's validation signals
+    ``val`` (never test signals), tiled cyclically to ``s.calib_n`` pairs, each measured with
+    its own mask and noise. The second targets a shift between the training and test
+    distributions (ERA5-like training fields, real GloSea4 test fields); ``val`` then also tunes
+    DPS's ζ.
+
+    Args:
+        s: settings (``calib_on``, ``calib_n``).
+        held_out: (N, V, C) held-out training-split signals.
+        val: (M, V, C) validation signals, M ≥ 1, or None.
+
+    Returns:
+        (K, V, C) float32 signals.
+    """
+    if s.calib_on == "train":
+        return held_out
+    if s.calib_on != "val":
+        raise ValueError(f"calib_on must be 'train' or 'val', got {s.calib_on!r}")
+    if val is None or len(val) == 0:
+        raise ValueError("calib_on='val' needs validation signals (val), got none")
+    val = np.asarray(val, np.float32)
+    return val[np.arange(max(s.calib_n, len(val))) % len(val)]
+
+
 def aps_tag(s) -> str:
     """"" at the :data:`APS_FLOW_EXTRA` values, else "-" and a short hash of the settings."""
     extra = {k: getattr(s, k) for k in APS_FLOW_EXTRA}
@@ -167,7 +207,7 @@ class Stages:
         # ``tasks`` only picks which stages run (every stage name carries its task), so a run of
         # one task and a later run of all share their stages
         settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                    if k not in APS_FLOW_EXTRA and k != "tasks"}
+                    if k not in APS_FLOW_EXTRA and k not in CAL_EXTRA and k != "tasks"}
         h = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode())
         for path in depends if enabled else ():
             path = Path(path)
@@ -381,6 +421,10 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    choices=["reverse", "pairs", "pairs+reverse"],
                    help="override the mode's calibrated APS[objective,τ] rows (none: only the "
                         "paper's APS rows); a full-mode run that must fit in a session")
+    p.add_argument("--calibrate-on", choices=["train", "val"], default=None,
+                   help="set τ of the calibrated APS rows on held-out training-split signals "
+                        "(train, the default) or on the validation signals, tiled to calib_n "
+                        "pairs with fresh masks (val); only those rows are computed again")
     p.add_argument("--fpy-n", type=int, default=None,
                    help="override the number of signals FlowPerY runs on (0: no FlowPerY row)")
     p.add_argument("--prior-t0", type=float, default=None,
@@ -416,6 +460,8 @@ def main(doc: str, run, modes: dict, out: str, argv=None, *, tasks: tuple | None
         cfg = dataclasses.replace(cfg, fpy_n=args.fpy_n)
     if args.aps_objectives is not None:
         cfg = dataclasses.replace(cfg, aps_objectives=tuple(args.aps_objectives))
+    if args.calibrate_on is not None:
+        cfg = dataclasses.replace(cfg, calib_on=args.calibrate_on)
     if tasks and args.tasks:
         cfg = dataclasses.replace(cfg, tasks=tuple(args.tasks))
     result = run(cfg, Path(args.out), fresh=args.fresh, save_sampler=args.save_sampler)
@@ -461,6 +507,8 @@ class Settings:
     calib_n: int = 100           # training-split signals held out of the pair objectives for τ
     calib_samples: int = 32      # samples per pair while calibrating
     calib_iters: int = 10        # bisection steps of calibrate
+    calib_on: str = "train"      # τ set on held-out training-split signals, or "val": on the
+    #                              validation signals (calibration_signals)
     dps_chains: int = 8          # the DPS ensemble: chains per measurement …
     dps_ensemble_n: int = 16     # … on this many test measurements (0: no ensemble row)
     prior_t0: float | None = None  # VPSDE t0 of the diffusion prior (None: 1e-3, the default)
@@ -507,7 +555,7 @@ def _without(signals, drop):
 
 
 def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, gauss, stages: Stages,
-            aps_op=None, fit_set=None, centre: str = "auto"):
+            aps_op=None, fit_set=None, centre: str = "auto", cal_val=None):
     """Every method on one task: the same prior, measurements and machine.
 
     Args:
@@ -531,6 +579,8 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         centre: the ``centre`` of every APS sampler but the mixture rows (``"auto"``: Tweedie
             for Denoise, else the surrogate; ``"pnp"``: the prior's plug-and-play estimate);
             stages other than ``"auto"``'s are cached under their own names.
+        cal_val: (M, V, C) the validation signals τ is set on when ``s.calib_on == "val"``
+            (default ``val``; :func:`calibration_signals`).
 
     Returns:
         (rows, estimates {method: (B, V, C)}, APS std (B, V, C), trained sampler, measurements).
@@ -604,9 +654,12 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
     mean_, std, x1 = arrays["mean"], arrays["std"], arrays["x1"]
     est["APS(1)"], est["APS(128)"] = x1, mean_
 
-    # every objective, calibrated on held-out training-split signals
+    # every objective, calibrated on held-out training-split signals (or on the validation
+    # signals: calib_on)
     n_cal = min(s.calib_n, max(len(train) // 5, 2))
     fit_signals, cal_signals = train[: len(train) - n_cal], train[len(train) - n_cal:]
+    tau_signals = calibration_signals(s, cal_signals, val if cal_val is None else cal_val)
+    ctag = cal_tag(s)
     for objective in s.aps_objectives:
         if objective == "reverse":
             model, obj_info = trained, info
@@ -623,17 +676,18 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
 
         def go(model=model, obj_info=obj_info, name=name, objective=objective):
             t0 = time.perf_counter()
-            cal = model.calibrate(jax.random.key(s.seed + 105), cal_signals,
+            cal = model.calibrate(jax.random.key(s.seed + 105), tau_signals,
                                   n_samples=s.calib_samples, iters=s.calib_iters)
             cal_s = time.perf_counter() - t0
             info_c = obj_info | {"training_s": obj_info["training_s"] + cal_s}
             r, m_, sd_, x1_ = aps_rows(task, cal, info_c, meas, test, manifold, seed=s.seed,
                                        repeats=s.repeats, dps_time=dps_time, name=name,
                                        scoring=sc, learned_from=LEARNED_FROM[objective],
-                                       calibration_s=cal_s, calibration=cal.calibration,
+                                       calibration_s=cal_s,
+                                       calibration=cal.calibration | {"on": s.calib_on},
                                        chosen=(obj_info.get("validation") or {}).get("chosen"))
             return {"mean": m_, "x1": x1_}, {"rows": r}
-        arrays, out = stages.run(f"{key}-APS-{objective}-cal{aps_tag(s)}-rows", go)
+        arrays, out = stages.run(f"{key}-APS-{objective}-cal{aps_tag(s)}{ctag}-rows", go)
         rows.extend(out["rows"])
         est[f"{name}(1)"], est[f"{name}(128)"] = arrays["x1"], arrays["mean"]
     if s.aps_mixture_k > 0 and isinstance(the_op, (RandomMask, Denoise)):
@@ -649,13 +703,14 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
             em_s = time.perf_counter() - t0
             model = make_aps(s, manifold, prior, the_op, gauss, centre="mixture", mixture=mix)
             t0 = time.perf_counter()
-            cal = model.calibrate(jax.random.key(s.seed + 105), cal_signals,
+            cal = model.calibrate(jax.random.key(s.seed + 105), tau_signals,
                                   n_samples=s.calib_samples, iters=s.calib_iters)
             cal_s = time.perf_counter() - t0
             info = {"training_s": em_s + cal_s, "steps": 0, "train_measurements": None}
             r, m_, _, x1_ = aps_rows(task, cal, info, meas, test, manifold, seed=s.seed,
                                      repeats=s.repeats, dps_time=dps_time, name="APS[mixture,τ]",
-                                     scoring=sc, calibration_s=cal_s, calibration=cal.calibration,
+                                     scoring=sc, calibration_s=cal_s,
+                                     calibration=cal.calibration | {"on": s.calib_on},
                                      learned_from="the prior's clean training set (EM mixture "
                                                   "fit; untrained flow)",
                                      mixture={"components": s.aps_mixture_k,
@@ -663,7 +718,7 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
                                               "signals": len(em_set),
                                               "loglik": mix.fit_info["loglik"]})
             return {"mean": m_, "x1": x1_}, {"rows": r}
-        arrays, out = stages.run(f"{key}-APS-mixture-cal{aps_tag(s)}-rows", go)
+        arrays, out = stages.run(f"{key}-APS-mixture-cal{aps_tag(s)}{ctag}-rows", go)
         rows.extend(out["rows"])
         est["APS[mixture,τ](1)"], est["APS[mixture,τ](128)"] = arrays["x1"], arrays["mean"]
     if s.fpy_n > 0:

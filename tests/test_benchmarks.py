@@ -442,6 +442,38 @@ def test_flow_variants_share_the_baseline_stages(tmp_path, monkeypatch):
     assert common.Stages("demo", dataclasses.replace(cfg, aps_steps=7), enabled=True).dir != plain.dir
 
 
+def test_calibration_on_validation_signals_shares_the_fits(tmp_path, monkeypatch):
+    """``calib_on`` keeps the run's folder (fits and baselines reused) and tags the calibrated
+    rows' stages; ``"val"`` sets τ on the validation signals tiled to ``calib_n`` pairs, every
+    one of them used, never on the held-out training ones; bad values get clear errors."""
+    import dataclasses
+
+    common, calls, stage = counting_stage(tmp_path, monkeypatch)
+    cfg = common.Settings(seed=0, calib_n=7)
+    val_cfg = dataclasses.replace(cfg, calib_on="val")
+    assert common.cal_tag(cfg) == "" and common.cal_tag(val_cfg).startswith("-")
+    plain, variant = (common.Stages("demo", c, enabled=True) for c in (cfg, val_cfg))
+    assert plain.dir == variant.dir
+    plain.run("x-APS-pairs-cal" + common.cal_tag(cfg) + "-rows", stage)
+    variant.run("x-APS-pairs-cal" + common.cal_tag(val_cfg) + "-rows", stage)   # its own stage
+    assert len(calls) == 2
+
+    held = np.full((5, 4, 1), -1.0, np.float32)
+    val = np.arange(12, dtype=np.float32).reshape(3, 4, 1)
+    assert common.calibration_signals(cfg, held, val) is held
+    got = common.calibration_signals(val_cfg, held, val)
+    assert got.shape == (7, 4, 1) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, val[[0, 1, 2, 0, 1, 2, 0]])
+    many = np.zeros((9, 4, 1), np.float32)                 # more validation signals than calib_n
+    assert common.calibration_signals(val_cfg, held, many).shape == (9, 4, 1)
+    with pytest.raises(ValueError, match="calib_on"):
+        common.calibration_signals(dataclasses.replace(cfg, calib_on="test"), held, val)
+    with pytest.raises(ValueError, match="val"):
+        common.calibration_signals(val_cfg, held, None)
+    with pytest.raises(ValueError, match="val"):
+        common.calibration_signals(val_cfg, held, val[:0])
+
+
 def test_fit_aps_counts_the_training_time_before_a_resume(tmp_path, monkeypatch):
     """An interrupted APS fit resumed by the next run reports the whole training time (the history
     clock, which runs on across resumes), not only the wall time of the resumed part."""
