@@ -154,12 +154,17 @@ APS_FLOW_EXTRA = {"aps_encoder_width": 0, "aps_encoder_blocks": 2}
 CAL_EXTRA = {"calib_on": "train"}
 
 
-def cal_tag(s) -> str:
-    """"" at the :data:`CAL_EXTRA` values, else "-" and a short hash of the settings."""
-    extra = {k: getattr(s, k) for k in CAL_EXTRA}
-    if extra == CAL_EXTRA:
+def _extra_tag(s, neutral: dict) -> str:
+    """"" when ``s`` has the ``neutral`` values of those settings, else "-" and a short hash."""
+    extra = {k: getattr(s, k) for k in neutral}
+    if extra == neutral:
         return ""
     return "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def cal_tag(s) -> str:
+    """"" at the :data:`CAL_EXTRA` values, else "-" and a short hash of the settings."""
+    return _extra_tag(s, CAL_EXTRA)
 
 
 def calibration_signals(s, held_out, val):
@@ -190,10 +195,15 @@ def calibration_signals(s, held_out, val):
 
 def aps_tag(s) -> str:
     """"" at the :data:`APS_FLOW_EXTRA` values, else "-" and a short hash of the settings."""
-    extra = {k: getattr(s, k) for k in APS_FLOW_EXTRA}
-    if extra == APS_FLOW_EXTRA:
-        return ""
-    return "-" + hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:6]
+    return _extra_tag(s, APS_FLOW_EXTRA)
+
+
+def panel_label(method: str) -> str:
+    """A figure panel's title for a method's estimate: 128-sample means say so, and the paper's
+    sampler says which loss it was trained with."""
+    if method == "APS(128)":
+        return "APS(128) mean (paper's loss)"
+    return method.replace("(128)", "(128) mean")
 
 
 class Stages:

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from _common import main as common_main  # noqa: E402
-from _common import Settings, Stages, compare, meta, write_outputs  # noqa: E402
+from _common import Settings, Stages, compare, meta, panel_label, write_outputs  # noqa: E402
 
 from geodiff import Mesh  # noqa: E402
 from geodiff.baselines import gaussian_fit  # noqa: E402
@@ -105,9 +105,7 @@ def figure(mesh, truth, meas, est, std, path, *, ratio: float, sigma: float):
     for name in ("APS(128)", "APS(1)", "APS[pairs,τ](128)", "APS[mixture,τ](128)", "DPS", "MCG",
                  "FlowPerY", "Kriging", "Harmonic"):
         if name in est:
-            label = ("APS(128) mean (paper's loss)" if name == "APS(128)"
-                     else name.replace("(128)", "(128) mean"))
-            fields[label] = est[name][0, :, 0]
+            fields[panel_label(name)] = est[name][0, :, 0]
     fields["APS std (paper's loss)"] = std[:, 0]
     for name in ("APS(128)", "APS[pairs,τ](128)"):
         if name in est:

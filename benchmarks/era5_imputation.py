@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts
 
 from _common import main as common_main  # noqa: E402
-from _common import Settings, Stages, compare, meta, write_outputs  # noqa: E402
+from _common import Settings, Stages, compare, meta, panel_label, write_outputs  # noqa: E402
 
 from geodiff import Sphere  # noqa: E402
 from geodiff.baselines import gaussian_fit  # noqa: E402
@@ -150,9 +150,7 @@ def plot(sphere, truth, meas, estimates, path, *, title, aps_std=None):
     y = np.where(observed, np.asarray(meas.y[0, :, 0]), np.nan)
     fields = {"truth": denormalize(truth[:, 0]), "measurement (40% observed, noisy)": denormalize(y)}
     for name, est in estimates.items():
-        label = ("APS(128) mean (paper's loss)" if name == "APS(128)"
-                 else name.replace("(128)", "(128) mean"))
-        fields[label] = denormalize(est[0, :, 0])
+        fields[panel_label(name)] = denormalize(est[0, :, 0])
     scale = float(denormalize(1.0) - denormalize(0.0))
     if aps_std is not None:
         fields["APS std (paper's loss)"] = np.asarray(aps_std) * scale

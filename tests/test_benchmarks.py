@@ -474,6 +474,13 @@ def test_calibration_on_validation_signals_shares_the_fits(tmp_path, monkeypatch
         common.calibration_signals(val_cfg, held, val[:0])
 
 
+def test_panel_labels_name_the_paper_loss_and_the_sample_means(tmp_path, monkeypatch):
+    common, _, _ = counting_stage(tmp_path, monkeypatch)
+    assert common.panel_label("APS(128)") == "APS(128) mean (paper's loss)"
+    assert common.panel_label("APS[pairs,τ](128)") == "APS[pairs,τ](128) mean"
+    assert common.panel_label("Kriging") == "Kriging"
+
+
 def test_fit_aps_counts_the_training_time_before_a_resume(tmp_path, monkeypatch):
     """An interrupted APS fit resumed by the next run reports the whole training time (the history
     clock, which runs on across resumes), not only the wall time of the resumed part."""
