@@ -15,6 +15,13 @@ Conventions (every script):
   points only (:func:`scoring`); SSIM is the plain full-field SSIM. ``crps`` is the fair ensemble
   CRPS of the samples (APS: 128, the DPS ensemble: 8) and the closed-form Gaussian CRPS of the
   surrogate posterior for kriging.
+- ``speedup`` (APS rows) = DPS seconds per sample / the row's seconds per sample: at 1 sample on
+  the ``(1)`` rows, at 128 on the ``(128)`` rows. ``batch_per_field_s`` (``(128)`` rows) = the
+  wall time of one compiled call that summarizes ``batch_fields`` (64) test measurements × 128
+  samples (``iter_posterior``: mean, std, 5/50/95% quantiles) / ``batch_fields``;
+  ``speedup_batch`` = 128 DPS samples' seconds / it. Both are measured after the cached stages
+  (:func:`batch_timing`, every rerun measures them anew, on weights that do not change the cost;
+  the mixture row times a stand-in mixture of the same shapes).
 - APS rows: ``APS(n)`` is the paper's objective (measurements only) at τ = 1; ``APS[obj,τ](n)``
   the sampler trained with objective ``obj`` and calibrated (τ set on held-out training-split
   signals); the ``learned_from`` column says what each sampler learned from. ``APS[mixture,τ]``
@@ -97,6 +104,12 @@ FPY_PSNR = "psnr_flowpery_signals"
 FPY_COLUMN = (FPY_PSNR, "PSNR on the signals every method ran on (dB)", ".2f")
 
 
+#: the speed-up columns (:func:`add_speedups`) every results table shows where rows have them
+SPEED_COLUMNS = (("speedup", "× DPS per sample", ".0f"),
+                 ("batch_per_field_s", "per field in a batch (s)", ".2e"),
+                 ("speedup_batch", "× DPS per sample, batch", ".0f"))
+
+
 def markdown_table(rows: list[dict], *, extra: tuple[tuple[str, str, str], ...] = ()) -> str:
     """Rows as a Markdown table. ``extra``: (key, header, format) columns appended, each only
     where some row has a value for it (a "–" marks a row without one)."""
@@ -134,7 +147,7 @@ def write_outputs(out: Path, result: dict, title: str, *, notes: str = "", extra
     """Write ``results.json`` and ``results.md`` to ``out``; returns the Markdown table (with the
     :data:`FPY_COLUMN` of runs that have FlowPerY after the ``extra`` columns)."""
     write_json(out / "results.json", result)
-    table = markdown_table(result["rows"], extra=(*extra, FPY_COLUMN))
+    table = markdown_table(result["rows"], extra=(*extra, *SPEED_COLUMNS, FPY_COLUMN))
     (out / "results.md").write_text(f"# {title}\n\nData: {result['meta']['data_source']}.\n\n"
                                     f"{table}\n\n{notes}\n")
     return table
@@ -152,6 +165,9 @@ APS_FLOW_EXTRA = {"aps_encoder_width": 0, "aps_encoder_blocks": 2}
 #: rows (APS[…,τ], APS[mixture,τ]), so they stay out of the run's hash and tag those stages' names
 #: (:func:`cal_tag`); the fits they calibrate are shared.
 CAL_EXTRA = {"calib_on": "train"}
+
+#: settings of work done after the cached stages only (:func:`batch_timing`): out of the hash
+UNCACHED = ("batch_fields",)
 
 
 def _extra_tag(s, neutral: dict) -> str:
@@ -217,7 +233,8 @@ class Stages:
         # ``tasks`` only picks which stages run (every stage name carries its task), so a run of
         # one task and a later run of all share their stages
         settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                    if k not in APS_FLOW_EXTRA and k not in CAL_EXTRA and k != "tasks"}
+                    if k not in APS_FLOW_EXTRA and k not in CAL_EXTRA and k != "tasks"
+                    and k not in UNCACHED}
         h = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode())
         for path in depends if enabled else ():
             path = Path(path)
@@ -377,6 +394,75 @@ def aps_rows(task, trained, info, meas, truth, manifold, *, seed: int, repeats: 
     return rows, mean, std, x1
 
 
+#: quantile levels of the batched summaries :func:`batch_timing` times (archive_throughput's)
+BATCH_QUANTILES = (0.05, 0.5, 0.95)
+
+
+def batch_timing(samplers: dict, meas, *, batch: int, n: int = 128, repeats: int = 5) -> dict:
+    """Per-field seconds of a batch of measurements summarized in one compiled call.
+
+    Args:
+        samplers: {row name without "(n)": AmortizedSampler}.
+        meas: test measurements (B, …); the first ``min(batch, B)`` are summarized.
+        batch: measurements per call (≥ 1).
+        n: samples per measurement (≥ 2).
+        repeats: timed calls (median); one untimed call first absorbs compilation.
+
+    Returns:
+        {name: seconds per field} of ``iter_posterior(key, meas[:batch], n, chunk=batch,
+        quantiles=BATCH_QUANTILES)`` (mean, std, quantiles of the n draws of every field).
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be ≥ 1, got {batch}")
+    b = min(int(batch), int(meas.y.shape[0]))
+    sub = meas[:b]
+    out, seen = {}, {}
+    for name, sampler in samplers.items():
+        if id(sampler) not in seen:        # a sampler behind several rows is timed once
+            def go(sampler=sampler):
+                return [c.mean for c in sampler.iter_posterior(jax.random.key(1), sub, n, chunk=b,
+                                                               quantiles=BATCH_QUANTILES)]
+            seen[id(sampler)] = time_call(go, repeats=repeats)[0] / b
+        out[name] = seen[id(sampler)]
+    return out
+
+
+def add_speedups(rows: list[dict], per_field: dict, *, dps_time: float | None, n: int = 128,
+                 batch: int) -> None:
+    """Add ``speedup`` to every ``APS…(k)`` row and ``batch_per_field_s``, ``batch_fields`` and
+    ``speedup_batch`` to the ``(n)`` rows of the samplers in ``per_field`` (in place; the
+    conventions in this module's docstring). ``dps_time``: DPS seconds per sample (None: no
+    speed-ups)."""
+    for r in rows:
+        method = r["method"]
+        if not (method.startswith("APS") and method.endswith(")") and "(" in method):
+            continue
+        name, k = method[: method.rindex("(")], int(method[method.rindex("(") + 1: -1])
+        if dps_time:
+            r["speedup"] = dps_time / r["time_per_sample_s"]
+        if k == n and name in per_field:
+            r["batch_per_field_s"] = per_field[name]
+            r["batch_fields"] = batch
+            if dps_time:
+                r["speedup_batch"] = dps_time * n / per_field[name]
+
+
+def mixture_stand_in(gauss, *, components: int, rank: int):
+    """A :class:`~geodiff.amortized.MixtureSurrogate` with the shapes of a K-component rank-R
+    EM fit (K copies of the Gaussian fit ``gauss`` = (mean, factor, nugget), its factor cut or
+    zero-padded to R columns, equal weights): for timing, whose cost depends on shapes only."""
+    import jax.numpy as jnp
+
+    from geodiff.amortized import MixtureSurrogate
+
+    mean, factor, nugget = (np.asarray(a, np.float32) for a in gauss)
+    f = np.zeros((factor.shape[0], rank), np.float32)
+    f[:, : min(rank, factor.shape[1])] = factor[:, :rank]
+    rep = lambda a: jnp.asarray(np.broadcast_to(a, (components, *a.shape)))   # noqa: E731
+    return MixtureSurrogate(rep(mean), rep(f), rep(nugget),
+                            jnp.full((components,), -np.log(components), jnp.float32))
+
+
 def run_flow_per_y(task, sampler, meas, truth, manifold, *, n_eval: int, steps: int,
                    batch_size: int, learning_rate: float, seed: int, scoring: dict | None = None):
     """FlowPerY (Feng et al.): the same flow and prior, trained from scratch on each of the first
@@ -522,6 +608,7 @@ class Settings:
     dps_chains: int = 8          # the DPS ensemble: chains per measurement …
     dps_ensemble_n: int = 16     # … on this many test measurements (0: no ensemble row)
     prior_t0: float | None = None  # VPSDE t0 of the diffusion prior (None: 1e-3, the default)
+    batch_fields: int = 64       # test measurements of the batched per-field timing (0: none)
 
 
 def slug(task: str) -> str:
@@ -661,6 +748,7 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         return {"mean": mean_, "std": std, "x1": x1}, {"rows": aps}
     arrays, aps = stages.run(f"{key}-APS{aps_tag(s)}-rows", go)
     rows.extend(aps["rows"])
+    timed = {"APS": trained}                # samplers of the batched timing, by row name
     mean_, std, x1 = arrays["mean"], arrays["std"], arrays["x1"]
     est["APS(1)"], est["APS(128)"] = x1, mean_
 
@@ -683,6 +771,7 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
                 validation=(cal_signals if objective == "pairs" else
                             the_op.measure(jax.random.key(s.seed + 106), cal_signals)))
         name = f"APS[{objective},τ]"
+        timed[name] = model                 # τ scales the base: the cost is the same
 
         def go(model=model, obj_info=obj_info, name=name, objective=objective):
             t0 = time.perf_counter()
@@ -730,6 +819,11 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
             return {"mean": m_, "x1": x1_}, {"rows": r}
         arrays, out = stages.run(f"{key}-APS-mixture-cal{aps_tag(s)}{ctag}-rows", go)
         rows.extend(out["rows"])
+        mix_info = out["rows"][0]["mixture"]
+        timed["APS[mixture,τ]"] = make_aps(
+            s, manifold, prior, the_op, gauss, centre="mixture",
+            mixture=mixture_stand_in(gauss, components=mix_info["components"],
+                                     rank=mix_info["rank"]))
         est["APS[mixture,τ](1)"], est["APS[mixture,τ](128)"] = arrays["x1"], arrays["mean"]
     if s.fpy_n > 0:
         def go():
@@ -740,6 +834,10 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         arrays, row = stages.run(f"{key}-FlowPerY{aps_tag(s)}", go)
         rows.append(row)
         est["FlowPerY"] = arrays["est"]
+    if s.batch_fields > 0:            # after the stages: measured anew on every rerun
+        per_field = batch_timing(timed, meas, batch=s.batch_fields,
+                                 repeats=max(s.repeats, 5))
+        add_speedups(rows, per_field, dps_time=dps_time, batch=min(s.batch_fields, len(test)))
     k = min(len(e) for e in est.values())
     for r in rows:                   # methods scored on fewer signals (FlowPerY, the DPS
         if k < len(test):            # ensemble): every method's PSNR on those, like for like

@@ -70,7 +70,11 @@ def run_smoke(name, tmp_path, monkeypatch, cache, *extra, design_rows=False, kri
             assert row["training_s"] > 0 and row["learned_from"]
         if row["method"].startswith("APS["):
             assert row["temperature"] > 0 and row["calibration"]["pairs"] >= 2
+        if row["method"].startswith("APS"):          # issue 22: the speed-ups in every benchmark
+            assert row["speedup"] > 0
+            assert (row.get("batch_per_field_s", 0) > 0) == row["method"].endswith("(128)")
     md = (tmp_path / "out" / "results.md").read_text()
+    assert "per field in a batch (s)" in md
     assert md.count("| APS(128) |") >= 1
     assert (md.count("| APS[pairs,τ](128) |") >= 1) == design_rows
     return on_disk
@@ -677,3 +681,55 @@ def test_sample_latency_pauses_and_always_resumes_the_given_process():
         proc.wait()
     with pytest.raises(SystemExit, match="--pause-pid"):
         check(proc.pid)                       # no longer exists
+
+
+def test_speedups_and_batch_timing(tmp_path, monkeypatch):
+    """add_speedups against hand-computed ratios; batch_timing times one compiled summary call per
+    sampler; the mixture stand-in has the EM fit's shapes; batch_fields stays out of the hash."""
+    import dataclasses
+
+    from geodiff import AmortizedSampler, GaussianPrior, Grid
+    from geodiff.operators import RandomMask
+
+    common = load_script("_common")
+    rows = [{"method": "APS(1)", "time_per_sample_s": 0.01},
+            {"method": "APS(128)", "time_per_sample_s": 0.001},
+            {"method": "APS[mixture,τ](128)", "time_per_sample_s": 0.002},
+            {"method": "DPS", "time_per_sample_s": 3.0}]
+    common.add_speedups(rows, {"APS": 0.05}, dps_time=3.0, batch=8)
+    assert rows[0]["speedup"] == pytest.approx(300) and "batch_per_field_s" not in rows[0]
+    assert rows[1]["speedup"] == pytest.approx(3000)
+    assert rows[1]["batch_per_field_s"] == 0.05 and rows[1]["batch_fields"] == 8
+    assert rows[1]["speedup_batch"] == pytest.approx(3.0 * 128 / 0.05)
+    assert rows[2]["speedup"] == pytest.approx(1500) and "batch_per_field_s" not in rows[2]
+    assert "speedup" not in rows[3]
+    common.add_speedups(rows[:1], {}, dps_time=None, batch=8)     # no DPS: no ratio
+    assert rows[0]["speedup"] == pytest.approx(300)
+
+    g = Grid(4, 4)
+    prior = GaussianPrior.matern(g, variance=0.05, length_scale=0.3, mean=0.4, nugget=1e-3)
+    rng = np.random.default_rng(0)
+    gauss = (rng.normal(size=(16, 1)), rng.normal(size=(16, 3)), np.full((16, 1), 0.1))
+    mix = common.mixture_stand_in(gauss, components=3, rank=5)
+    assert mix.mean.shape == (3, 16, 1) and mix.factor.shape == (3, 16, 5)
+    np.testing.assert_array_equal(np.asarray(mix.factor[2, :, :3]), np.float32(gauss[1]))
+    assert not np.asarray(mix.factor[:, :, 3:]).any()
+    np.testing.assert_allclose(np.exp(np.asarray(mix.log_weights)), 1 / 3, rtol=1e-6)
+
+    op = RandomMask(0.5, 0.1).on(g)
+    meas = op.measure(jax.random.key(0), np.asarray(prior.sample(jax.random.key(1), 5)))
+    sampler = AmortizedSampler(g, prior, op, n_steps=1, hidden=4, n_eig=4)
+    per_field = common.batch_timing({"APS": sampler, "APS[reverse,τ]": sampler}, meas, batch=64,
+                                    n=4, repeats=1)
+    assert set(per_field) == {"APS", "APS[reverse,τ]"} and per_field["APS"] > 0
+    assert per_field["APS[reverse,τ]"] == per_field["APS"]      # one sampler, timed once
+    with pytest.raises(ValueError, match="batch"):
+        common.batch_timing({"APS": sampler}, meas, batch=0)
+
+    monkeypatch.setenv("GEODIFF_CACHE", str(tmp_path))
+    s = common.Settings()
+    digests = set()
+    for cfg in (s, dataclasses.replace(s, batch_fields=8)):
+        stages = common.Stages("t", cfg, enabled=True)
+        digests.add(stages.dir.name)
+    assert len(digests) == 1
