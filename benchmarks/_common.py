@@ -835,8 +835,8 @@ def compare(task: str, s: Settings, *, manifold, prior, op, test, val, train, ga
         rows.append(row)
         est["FlowPerY"] = arrays["est"]
     if s.batch_fields > 0:            # after the stages: measured anew on every rerun
-        per_field = batch_timing(timed, meas, batch=s.batch_fields,
-                                 repeats=max(s.repeats, 5))
+        # calls of seconds to a minute (64 fields × 128 draws): the median of ``repeats`` suffices
+        per_field = batch_timing(timed, meas, batch=s.batch_fields, repeats=s.repeats)
         add_speedups(rows, per_field, dps_time=dps_time, batch=min(s.batch_fields, len(test)))
     k = min(len(e) for e in est.values())
     for r in rows:                   # methods scored on fewer signals (FlowPerY, the DPS
