@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -434,10 +435,10 @@ def add_speedups(rows: list[dict], per_field: dict, *, dps_time: float | None, n
     conventions in this module's docstring). ``dps_time``: DPS seconds per sample (None: no
     speed-ups)."""
     for r in rows:
-        method = r["method"]
-        if not (method.startswith("APS") and method.endswith(")") and "(" in method):
+        m = re.fullmatch(r"(APS.*)\((\d+)\)", r["method"])
+        if m is None:
             continue
-        name, k = method[: method.rindex("(")], int(method[method.rindex("(") + 1: -1])
+        name, k = m[1], int(m[2])
         if dps_time:
             r["speedup"] = dps_time / r["time_per_sample_s"]
         if k == n and name in per_field:

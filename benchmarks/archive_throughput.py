@@ -50,7 +50,7 @@ from geodiff.data import era5_like, mnist32  # noqa: E402
 from geodiff.operators import Denoise, RandomMask  # noqa: E402
 from geodiff.timing import machine_info, time_call, versions, write_json  # noqa: E402
 
-QUANTILES = (0.05, 0.5, 0.95)
+from _common import BATCH_QUANTILES as QUANTILES, batch_timing  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +156,9 @@ def latency(cfg: Config, sampler, meas, peak: float) -> dict:
         # a mask seen before (a station network): its base factor is kept by the sampler
         row[f"sample_{label}_known_s"] = time_call(sampler.sample, jax.random.key(1), one, k,
                                                    repeats=cfg.repeats)[0]
-    summarize = lambda: list(sampler.iter_posterior(jax.random.key(1), batch, n,    # noqa: E731
-                                                    chunk=cfg.batch, quantiles=QUANTILES))
-    row["batch_s"] = time_call(summarize, repeats=cfg.repeats)[0]
-    row["batch_per_field_s"] = row["batch_s"] / cfg.batch
+    row["batch_per_field_s"] = batch_timing({"": sampler}, batch, batch=cfg.batch, n=n,
+                                            repeats=cfg.repeats)[""]
+    row["batch_s"] = row["batch_per_field_s"] * cfg.batch
     fr, p = sampler._frozen(), sampler.params
     b1 = jax.tree.map(lambda a: jnp.asarray(a)[None], one)
     first = jnp.int32(0)
